@@ -1,0 +1,929 @@
+"""The T5 family network: one implementation for T5 (v1.0, v1.1, Flan, ByT5), mT5 and umT5.
+
+Family differences are switches read from the config, never copies of the code:
+
+* ``feed_forward_proj``: ReLU ``wi -> act -> wo`` (v1.0) or gated ``act(wi_0) * wi_1 -> wo``.
+* ``tie_word_embeddings`` / ``scale_decoder_outputs``: the output projection is the input
+  embedding and the decoder output is scaled by ``d_model**-0.5`` (v1.0), or a separate
+  ``lm_head`` with no rescale (v1.1, Flan, mT5, umT5).
+* ``per_layer_position_bias``: umT5 gives every layer its own relative position bias; T5 and
+  mT5 compute the first layer's once and share it across the stack.
+* ``num_decoder_layers`` may differ from ``num_layers`` either way, and ``num_heads * d_kv``
+  need not equal ``d_model``.
+
+Module and parameter names are the reference's, so ``state_dict()`` keys and shapes are exactly
+those of Hub checkpoints.
+
+Shapes: B batch, S encoder length, T decoder (query) length, K key length, H heads, D ``d_kv``.
+
+Precision policy: RMS-norm statistics and the softmax of explicit attention are computed in
+float32 whatever the weight dtype. bfloat16 needs nothing else. In float16 the residual stream
+of large T5 checkpoints can overflow; as in the original fp16 ports, each sub-layer's output is
+clamped to the finite float16 range (one helper, ``_clamp_fp16``). Prefer bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .cache import EncoderDecoderCache
+from .config import MT5Config, T5Config, UMT5Config
+from .modeling_utils import PreTrainedModel
+from .outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+    Seq2SeqQuestionAnsweringModelOutput,
+    Seq2SeqSequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+__all__ = [
+    "T5Model",
+    "T5ForConditionalGeneration",
+    "T5EncoderModel",
+    "T5ForSequenceClassification",
+    "T5ForTokenClassification",
+    "T5ForQuestionAnswering",
+    "MT5Model",
+    "MT5ForConditionalGeneration",
+    "MT5EncoderModel",
+    "MT5ForSequenceClassification",
+    "MT5ForTokenClassification",
+    "MT5ForQuestionAnswering",
+    "UMT5Model",
+    "UMT5ForConditionalGeneration",
+    "UMT5EncoderModel",
+    "UMT5ForSequenceClassification",
+    "UMT5ForTokenClassification",
+    "UMT5ForQuestionAnswering",
+    "relative_position_bucket",
+]
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu2": lambda x: F.relu(x).square(),
+    "mish": F.mish,
+    "linear": lambda x: x,
+}
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Keep a float16 residual stream finite (the fp16 policy of the module docstring)."""
+    if x.dtype != torch.float16:
+        return x
+    limit = torch.finfo(torch.float16).max
+    clamp = torch.where(torch.isinf(x).any(), limit - 1000, limit)
+    return torch.clamp(x, min=-clamp, max=clamp)
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """Mesh TensorFlow's bucketing of ``memory_position - query_position``.
+
+    Half the buckets are exact small distances, the rest grow logarithmically up to
+    ``max_distance``; bidirectional (encoder) attention splits the buckets by sign.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -relative_position.clamp(max=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # float32 log as the reference, so bucket edges agree exactly.
+    large = max_exact + (
+        torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, large)
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm without bias or mean subtraction; statistics in float32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class T5DenseActDense(nn.Module):
+    """Feed-forward layer of T5 v1.0: ``wo(act(wi(x)))``."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = ACT_FNS[config.dense_act_fn]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.dropout(self.act(self.wi(x))))
+
+
+class T5DenseGatedActDense(nn.Module):
+    """Gated feed-forward layer of T5 v1.1, mT5 and umT5: ``wo(act(wi_0(x)) * wi_1(x))``."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = ACT_FNS[config.dense_act_fn]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.DenseReluDense = T5DenseGatedActDense(config) if config.is_gated_act else T5DenseActDense(config)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.dropout(self.DenseReluDense(self.layer_norm(x)))
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    dropout_p: float,
+    need_weights: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Unscaled dot-product attention (T5 folds 1/sqrt(D) into its initialisation).
+
+    q: (B, H, T, D); k, v: (B, H, K, D); bias: additive, broadcastable to (B, H, T, K), holding
+    the relative position bias and the masks. Returns (B, H, T, D) and, if asked, the weights.
+    """
+    if not need_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0), None
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if bias is not None:
+        scores = scores + bias
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
+    return torch.matmul(weights, v), weights
+
+
+class T5Attention(nn.Module):
+    """Multi-head attention with T5's optional relative position bias table."""
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool = False) -> None:
+        super().__init__()
+        self.n_heads = config.num_heads
+        self.d_kv = config.d_kv
+        self.dropout = config.dropout_rate
+        inner = config.num_heads * config.d_kv
+        self.q = nn.Linear(config.d_model, inner, bias=False)
+        self.k = nn.Linear(config.d_model, inner, bias=False)
+        self.v = nn.Linear(config.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.has_relative_attention_bias = has_relative_attention_bias
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, T, D)
+
+    def position_bias(self, buckets: torch.Tensor) -> torch.Tensor:
+        """(T, K) bucket ids -> (1, H, T, K) bias."""
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        key_value_states: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        layer_idx: int = 0,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, _ = x.shape
+        q = self._heads(self.q(x))
+        if key_value_states is None:  # self-attention
+            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            if cache is not None:
+                k, v = cache.update(layer_idx, k, v)
+        elif cache is not None and cache.has_cross(layer_idx):  # cross-attention, reused
+            k, v = cache.get_cross(layer_idx)
+        else:  # cross-attention, first step: computed once from the encoder output
+            k, v = self._heads(self.k(key_value_states)), self._heads(self.v(key_value_states))
+            if cache is not None:
+                cache.set_cross(layer_idx, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = attend(q, k, v, bias, dropout_p, need_weights)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_kv)), weights
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool = False) -> None:
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_attention_bias)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out, weights = self.SelfAttention(self.layer_norm(x), bias, **kwargs)
+        return x + self.dropout(out), weights
+
+
+class T5LayerCrossAttention(nn.Module):
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(
+        self, x: torch.Tensor, encoder_hidden_states: torch.Tensor, bias: torch.Tensor | None, **kwargs: Any
+    ) -> tuple[torch.Tensor, Any]:
+        out, weights = self.EncDecAttention(self.layer_norm(x), bias, key_value_states=encoder_hidden_states, **kwargs)
+        return x + self.dropout(out), weights
+
+
+class T5Block(nn.Module):
+    """Self-attention, cross-attention (decoder only) and feed-forward, each pre-normed and residual."""
+
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool, is_decoder: bool) -> None:
+        super().__init__()
+        self.is_decoder = is_decoder
+        self.layer = nn.ModuleList([T5LayerSelfAttention(config, has_relative_attention_bias)])
+        if is_decoder:
+            self.layer.append(T5LayerCrossAttention(config))
+        self.layer.append(T5LayerFF(config))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        self_bias: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        cross_bias: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        layer_idx: int = 0,
+        need_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        x, self_weights = self.layer[0](x, self_bias, cache=cache, layer_idx=layer_idx, need_weights=need_weights)
+        x = _clamp_fp16(x)
+        cross_weights = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            x, cross_weights = self.layer[1](
+                x, encoder_hidden_states, cross_bias, cache=cache, layer_idx=layer_idx, need_weights=need_weights
+            )
+            x = _clamp_fp16(x)
+        x = _clamp_fp16(self.layer[-1](x))
+        return x, self_weights, cross_weights
+
+
+def _padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, K) 1/0 mask -> (B, 1, 1, K) additive bias: 0 where attended, dtype-min where masked."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class T5Stack(nn.Module):
+    """An encoder or a decoder: embeddings, blocks, final norm.
+
+    The relative-position buckets are computed once per call; the bias (plus the masks) once per
+    stack for T5/mT5, or once per layer for umT5, never inside the attention layers.
+    """
+
+    def __init__(self, config: T5Config, embed_tokens: nn.Embedding, is_decoder: bool) -> None:
+        super().__init__()
+        self.config = config
+        self.is_decoder = is_decoder
+        self.embed_tokens = embed_tokens
+        depth = config.num_decoder_layers if is_decoder else config.num_layers
+        per_layer = config.per_layer_position_bias
+        self.block = nn.ModuleList(
+            [T5Block(config, has_relative_attention_bias=per_layer or i == 0, is_decoder=is_decoder) for i in range(depth)]
+        )
+        self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.gradient_checkpointing = False
+
+    def _buckets(self, query_length: int, key_length: int, past: int, device: torch.device) -> torch.Tensor:
+        """(T, K) relative-position bucket ids; queries sit at positions past..past+T-1."""
+        context = torch.arange(past, past + query_length, device=device)[:, None]
+        memory = torch.arange(key_length, device=device)[None, :]
+        return relative_position_bucket(
+            memory - context,
+            bidirectional=not self.is_decoder,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )
+
+    def _mask_bias(
+        self, attention_mask: torch.Tensor | None, t: int, k: int, past: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
+        """Additive (B|1, 1, T|1, K) bias from the padding mask, and the causal mask in a decoder."""
+        bias = _padding_bias(attention_mask, dtype)
+        if self.is_decoder:
+            future = torch.arange(k, device=device)[None, :] > torch.arange(past, past + t, device=device)[:, None]
+            causal = torch.zeros(t, k, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)
+            bias = causal[None, None] if bias is None else bias + causal
+        return bias
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
+        b, t, _ = x.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        k = past + t
+        if attention_mask is not None and attention_mask.shape[1] != k:
+            raise ValueError(
+                f"The {'decoder_' if self.is_decoder else ''}attention_mask covers {attention_mask.shape[1]} "
+                f"positions but there are {k} ({past} cached + {t} new); pass a mask over all positions"
+            )
+        dtype, device = x.dtype, x.device
+        buckets = self._buckets(t, k, past, device)
+        mask_bias = self._mask_bias(attention_mask, t, k, past, dtype, device)
+        cross_bias = _padding_bias(encoder_attention_mask, dtype) if self.is_decoder else None
+
+        x = self.dropout(x)
+        all_hidden: list[torch.Tensor] = []
+        all_self: list[torch.Tensor] = []
+        all_cross: list[torch.Tensor] = []
+        self_bias: torch.Tensor | None = None
+        for i, block in enumerate(self.block):
+            attn = block.layer[0].SelfAttention
+            if attn.has_relative_attention_bias:  # layer 0 only, or every layer in umT5
+                pos = attn.position_bias(buckets).to(dtype)  # (1, H, T, K)
+                self_bias = pos if mask_bias is None else pos + mask_bias
+            if output_hidden_states:
+                all_hidden.append(x)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, w_self, w_cross = checkpoint(
+                    block, x, self_bias, encoder_hidden_states, cross_bias, None, i, output_attentions,
+                    use_reentrant=False,
+                )
+            else:
+                x, w_self, w_cross = block(
+                    x, self_bias, encoder_hidden_states, cross_bias, cache, i, output_attentions
+                )
+            if output_attentions:
+                all_self.append(w_self)
+                if w_cross is not None:
+                    all_cross.append(w_cross)
+        if cache is not None:
+            cache.advance(t)
+        x = self.dropout(self.final_layer_norm(x))
+        if output_hidden_states:
+            all_hidden.append(x)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=x,
+            past_key_values=cache,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_self) if output_attentions else None,
+            cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
+        )
+
+
+class T5ClassificationHead(nn.Module):
+    """Dense + tanh + projection over the sentence representation."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.dropout = nn.Dropout(p=config.classifier_dropout)
+        self.out_proj = nn.Linear(config.d_model, config.num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(x)))))
+
+
+# ------------------------------------------------------------------------------------------------
+# Models with heads. Each exposes the reference's forward arguments and outputs.
+
+
+def _encoder_output(encoder_outputs: Any) -> BaseModelOutput:
+    if isinstance(encoder_outputs, BaseModelOutput):
+        return encoder_outputs
+    if isinstance(encoder_outputs, torch.Tensor):
+        return BaseModelOutput(last_hidden_state=encoder_outputs)
+    if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs and isinstance(encoder_outputs[0], torch.Tensor):
+        return BaseModelOutput(
+            last_hidden_state=encoder_outputs[0],
+            hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+            attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+        )
+    if hasattr(encoder_outputs, "last_hidden_state"):
+        return BaseModelOutput(
+            last_hidden_state=encoder_outputs.last_hidden_state,
+            hidden_states=getattr(encoder_outputs, "hidden_states", None),
+            attentions=getattr(encoder_outputs, "attentions", None),
+        )
+    raise TypeError(
+        "encoder_outputs must be the encoder's output object, a tensor, or a tuple whose first item is the "
+        f"(batch, length, d_model) hidden states; got {type(encoder_outputs).__name__}"
+    )
+
+
+class _EncoderDecoderBase(PreTrainedModel):
+    """Shared body of the models that own ``shared``, ``encoder`` and ``decoder``."""
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, self.shared, is_decoder=False)
+        self.decoder = T5Stack(config, self.shared, is_decoder=True)
+
+    def get_encoder(self) -> T5Stack:
+        return self.encoder
+
+    def get_decoder(self) -> T5Stack:
+        return self.decoder
+
+    def _run(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        decoder_input_ids: torch.Tensor | None,
+        decoder_attention_mask: torch.Tensor | None,
+        encoder_outputs: Any,
+        past_key_values: EncoderDecoderCache | None,
+        inputs_embeds: torch.Tensor | None,
+        decoder_inputs_embeds: torch.Tensor | None,
+        use_cache: bool | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions]:
+        """Validate, encode (unless given), decode. Returns the two stack outputs."""
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        if encoder_outputs is None:
+            encoder_outputs = self._encode(
+                input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states
+            )
+        else:
+            encoder_outputs = _encoder_output(encoder_outputs)
+            self._check_hidden(encoder_outputs.last_hidden_state, "encoder_outputs[0]")
+            if attention_mask is not None:
+                self._check_mask(attention_mask, encoder_outputs.last_hidden_state.shape[:2], "attention_mask")
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError(
+                "The decoder needs decoder_input_ids or decoder_inputs_embeds (or labels, from which "
+                "ForConditionalGeneration derives them with _shift_right)"
+            )
+        self._check_inputs(decoder_input_ids, decoder_inputs_embeds, "decoder_input_ids", "decoder_inputs_embeds")
+        use_cache = self._use_cache(use_cache)
+        if past_key_values is not None and not isinstance(past_key_values, EncoderDecoderCache):
+            raise TypeError(
+                f"past_key_values must be the EncoderDecoderCache returned by an earlier call, got "
+                f"{type(past_key_values).__name__}"
+            )
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = EncoderDecoderCache(self.config.num_decoder_layers)
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            cache=cache if use_cache or past_key_values is not None else None,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        if not use_cache:
+            decoder_outputs.past_key_values = None
+        return encoder_outputs, decoder_outputs
+
+    @staticmethod
+    def _seq2seq_fields(
+        encoder_outputs: BaseModelOutput, decoder_outputs: BaseModelOutputWithPastAndCrossAttentions
+    ) -> dict[str, Any]:
+        return dict(
+            past_key_values=decoder_outputs.past_key_values,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+class T5Model(_EncoderDecoderBase):
+    """The bare encoder-decoder, returning the decoder's last hidden states."""
+
+    config_class = T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: Any = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqModelOutput | tuple:
+        """Encode ``input_ids`` (unless ``encoder_outputs`` is given) and decode ``decoder_input_ids``.
+
+        Shapes: input_ids (B, S), decoder_input_ids (B, T); returns last_hidden_state (B, T, d_model).
+        """
+        self._check_kwargs(kwargs)
+        enc, dec = self._run(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+            past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions,
+            output_hidden_states,
+        )
+        out = Seq2SeqModelOutput(last_hidden_state=dec.last_hidden_state, **self._seq2seq_fields(enc, dec))
+        return self._return(out, return_dict)
+
+
+class T5ForConditionalGeneration(_EncoderDecoderBase):
+    """Encoder-decoder with the language-modelling head: the model for generation and fine-tuning."""
+
+    config_class = T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.model_dim = config.d_model
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: Any = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqLMOutput | tuple:
+        """Logits (B, T, vocab_size) for ``decoder_input_ids``, and the loss when ``labels`` are given.
+
+        ``labels`` (B, T) are shifted right into ``decoder_input_ids`` when those are absent;
+        positions labelled -100 are ignored by the loss.
+        """
+        self._check_kwargs(kwargs)
+        if labels is not None:
+            self._check_ids(labels, "labels", allow_ignore=True)
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self._shift_right(labels)
+        enc, dec = self._run(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs,
+            past_key_values, inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions,
+            output_hidden_states,
+        )
+        logits = self.lm_logits(dec.last_hidden_state)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])}")
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        out = Seq2SeqLMOutput(loss=loss, logits=logits, **self._seq2seq_fields(enc, dec))
+        return self._return(out, return_dict)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Decoder output (..., d_model) -> logits (..., vocab_size), rescaled when the head is tied."""
+        if self.config.rescale_output:
+            hidden = hidden * (self.model_dim**-0.5)
+        return self.lm_head(hidden)
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        return self._shift_right(labels)
+
+
+class T5EncoderModel(PreTrainedModel):
+    """The encoder alone: text embeddings for retrieval, conditioning and classification."""
+
+    config_class = T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.encoder = T5Stack(config, self.shared, is_decoder=False)
+        self.post_init()
+
+    def get_encoder(self) -> T5Stack:
+        return self.encoder
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutput | tuple:
+        """Encoder hidden states (B, S, d_model) for ``input_ids`` (B, S)."""
+        self._check_kwargs(kwargs)
+        output_attentions, output_hidden_states = self._output_flags(output_attentions, output_hidden_states)
+        out = self._encode(input_ids, attention_mask, inputs_embeds, output_attentions, output_hidden_states)
+        return self._return(out, return_dict)
+
+
+class T5ForSequenceClassification(PreTrainedModel):
+    """Classification from the decoder state at the last ``</s>`` of each input (as the reference)."""
+
+    config_class = T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.transformer = T5Model(config)
+        self.classification_head = T5ClassificationHead(config)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqSequenceClassifierOutput | tuple:
+        """Logits (B, num_labels); the loss follows ``config.problem_type``."""
+        self._check_kwargs(kwargs)
+        if input_ids is None:
+            raise ValueError(
+                f"{type(self).__name__} needs input_ids: the sentence representation is read at the last </s> "
+                "token of each input, so inputs_embeds alone are not enough"
+            )
+        self._check_ids(input_ids, "input_ids")
+        if labels is not None:
+            use_cache = False
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(input_ids)
+        out = self.transformer(
+            input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs,
+            inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        hidden = out.last_hidden_state  # (B, T, d_model)
+        eos = self.config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        eos_mask = input_ids.eq(eos)
+        counts = eos_mask.sum(1)
+        if hidden.shape[1] != input_ids.shape[1]:
+            raise ValueError("decoder inputs must have the same length as input_ids to read the </s> positions")
+        if bool((counts == 0).any()):
+            raise ValueError(f"Each example must contain at least one </s> (id {eos}) token")
+        if bool((counts != counts[0]).any()):
+            raise ValueError("All examples must have the same number of </s> tokens")
+        b, _, d = hidden.shape
+        sentence = hidden[eos_mask, :].view(b, -1, d)[:, -1, :]  # (B, d_model)
+        logits = self.classification_head(sentence)
+        loss = self._classification_loss(logits, labels) if labels is not None else None
+        result = Seq2SeqSequenceClassifierOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=out.past_key_values,
+            decoder_hidden_states=out.decoder_hidden_states,
+            decoder_attentions=out.decoder_attentions,
+            cross_attentions=out.cross_attentions,
+            encoder_last_hidden_state=out.encoder_last_hidden_state,
+            encoder_hidden_states=out.encoder_hidden_states,
+            encoder_attentions=out.encoder_attentions,
+        )
+        return self._return(result, return_dict)
+
+    def _classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        labels = labels.to(logits.device)
+        n = self.config.num_labels
+        if self.config.problem_type is None:
+            if n == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            return F.mse_loss(logits.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(logits, labels)
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, n), labels.view(-1))
+        if self.config.problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        raise ValueError(f"Unknown problem_type {self.config.problem_type!r}")
+
+
+class T5ForTokenClassification(PreTrainedModel):
+    """A linear classifier over every encoder position."""
+
+    config_class = T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = T5EncoderModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> TokenClassifierOutput | tuple:
+        """Logits (B, S, num_labels); labels (B, S) with -100 ignored."""
+        self._check_kwargs(kwargs)
+        out = self.transformer(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.to(logits.device).view(-1))
+        result = TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return self._return(result, return_dict)
+
+
+class T5ForQuestionAnswering(_EncoderDecoderBase):
+    """Extractive question answering: start and end logits over the decoder positions."""
+
+    config_class = T5Config
+
+    def __init__(self, config: T5Config) -> None:
+        super().__init__(config)
+        if config.num_labels != 2:
+            raise ValueError(f"{type(self).__name__} needs num_labels=2 (start and end), got {config.num_labels}")
+        self.model_dim = config.d_model
+        self.num_labels = config.num_labels
+        self.qa_outputs = nn.Linear(config.d_model, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: Any = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqQuestionAnsweringModelOutput | tuple:
+        """start_logits, end_logits (B, T); the loss averages both when positions (B,) are given."""
+        self._check_kwargs(kwargs)
+        if start_positions is not None and end_positions is not None:
+            use_cache = False
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass decoder_input_ids or decoder_inputs_embeds, or input_ids to derive them from")
+            self._check_ids(input_ids, "input_ids")
+            decoder_input_ids = self._shift_right(input_ids)
+        enc, dec = self._run(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs, None,
+            inputs_embeds, decoder_inputs_embeds, use_cache, output_attentions, output_hidden_states,
+        )
+        logits = self.qa_outputs(dec.last_hidden_state)  # (B, T, 2)
+        start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.size(1)  # positions outside the input are ignored, as the reference
+            start = start_positions.reshape(-1).to(start_logits.device).clamp(0, ignored)
+            end = end_positions.reshape(-1).to(end_logits.device).clamp(0, ignored)
+            loss = (
+                F.cross_entropy(start_logits, start, ignore_index=ignored)
+                + F.cross_entropy(end_logits, end, ignore_index=ignored)
+            ) / 2
+        out = Seq2SeqQuestionAnsweringModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, **self._seq2seq_fields(enc, dec)
+        )
+        return self._return(out, return_dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# mT5 and umT5: the same models, read with their own config classes (defaults and switches).
+
+
+class MT5Model(T5Model):
+    config_class = MT5Config
+
+
+class MT5ForConditionalGeneration(T5ForConditionalGeneration):
+    config_class = MT5Config
+
+
+class MT5EncoderModel(T5EncoderModel):
+    config_class = MT5Config
+
+
+class MT5ForSequenceClassification(T5ForSequenceClassification):
+    config_class = MT5Config
+
+
+class MT5ForTokenClassification(T5ForTokenClassification):
+    config_class = MT5Config
+
+
+class MT5ForQuestionAnswering(T5ForQuestionAnswering):
+    config_class = MT5Config
+
+
+class UMT5Model(T5Model):
+    config_class = UMT5Config
+
+
+class UMT5ForConditionalGeneration(T5ForConditionalGeneration):
+    config_class = UMT5Config
+
+
+class UMT5EncoderModel(T5EncoderModel):
+    config_class = UMT5Config
+
+
+class UMT5ForSequenceClassification(T5ForSequenceClassification):
+    config_class = UMT5Config
+
+
+class UMT5ForTokenClassification(T5ForTokenClassification):
+    config_class = UMT5Config
+
+
+class UMT5ForQuestionAnswering(T5ForQuestionAnswering):
+    config_class = UMT5Config

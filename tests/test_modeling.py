@@ -1,0 +1,274 @@
+"""Parity with transformers: 3 families x 6 model classes x awkward configs, float32 within 1e-5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import t5kit
+from conftest import FAMILIES, HEADS, VARIANTS, assert_rel_close, hf, load_hf, make_batch, save_hf_model
+
+
+def _compare_outputs(ours, ref, what: str, skip: tuple[str, ...] = ()) -> None:
+    """Compare every tensor field the reference returned (tuples of tensors included)."""
+    for key in ref.keys():
+        if key in ("past_key_values", *skip) or (isinstance(ref[key], tuple) and not ref[key]):
+            continue
+        r, o = ref[key], getattr(ours, key)
+        if isinstance(r, tuple):
+            assert o is not None and len(o) == len(r), f"{what}.{key}: {None if o is None else len(o)} != {len(r)}"
+            for i, (a, b) in enumerate(zip(o, r)):
+                assert_rel_close(a, b, what=f"{what}.{key}[{i}]")
+        elif isinstance(r, torch.Tensor):
+            assert_rel_close(o, r, what=f"{what}.{key}")
+
+
+def _inputs(head: str, vocab: int, num_labels: int):
+    ids, mask, dec = make_batch(vocab)
+    kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    if head in ("Model", "ForConditionalGeneration"):
+        kw["decoder_input_ids"] = dec
+    if head == "ForConditionalGeneration":
+        labels = dec.clone()
+        labels[0, 4:] = -100
+        kw["labels"] = labels
+        del kw["decoder_input_ids"]
+    if head == "ForSequenceClassification":
+        kw["labels"] = torch.tensor([0, 1, 1])[: ids.shape[0]]
+    if head == "ForTokenClassification":
+        labels = torch.randint(0, num_labels, ids.shape, generator=torch.Generator().manual_seed(3))
+        labels[1, -3:] = -100
+        kw["labels"] = labels
+    if head == "ForQuestionAnswering":
+        kw["start_positions"] = torch.tensor([1, 2, 0])
+        kw["end_positions"] = torch.tensor([3, 5, 8])
+    return kw
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parity_with_reference(family: str, head: str, variant: str, tmp_path) -> None:
+    extra = {"num_labels": 5} if head == "ForTokenClassification" else {}
+    save_hf_model(family, head, variant, tmp_path, **extra)
+    ref_model = load_hf(family, head, tmp_path)
+    ours = getattr(t5kit, f"{family}{head}").from_pretrained(tmp_path)
+    kw = _inputs(head, ours.config.vocab_size, ours.config.num_labels)
+    with torch.no_grad():
+        ref = ref_model(**kw)
+        out = ours(**kw)
+    if head != "ForConditionalGeneration":
+        _compare_outputs(out, ref, f"{family}{head}[{variant}]")
+        return
+    # The LM head: compare everything but logits/loss with the reference directly, and the logits
+    # with the original models' rule: decoder output x (d_model**-0.5 if tied) @ head.T.
+    tied = VARIANTS[variant]["tie_word_embeddings"]
+    assert ours.config.tie_word_embeddings == tied
+    assert (ours.lm_head.weight is ours.shared.weight) == tied
+    headless = getattr(hf(), f"{family}Model").from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        hidden = headless(
+            input_ids=kw["input_ids"], attention_mask=kw["attention_mask"],
+            decoder_input_ids=ours._shift_right(kw["labels"]),
+        ).last_hidden_state
+    head_weight = ref_model.shared.weight if tied else ref_model.lm_head.weight
+    expected = (hidden * ours.config.d_model**-0.5 if tied else hidden) @ head_weight.T
+    expected_loss = F.cross_entropy(expected.flatten(0, 1), kw["labels"].flatten(), ignore_index=-100)
+    assert_rel_close(out.logits, expected, what="logits")
+    assert_rel_close(out.loss, expected_loss, what="loss")
+    _compare_outputs(out, ref, f"{family}{head}[{variant}]", skip=("logits", "loss"))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lm_logits_equal_reference_where_reference_is_right(family: str, variant: str, tmp_path) -> None:
+    """Where transformers 5.23 applies the original models' rule, logits and loss equal it directly."""
+    tied = VARIANTS[variant]["tie_word_embeddings"]
+    save_hf_model(family, "ForConditionalGeneration", variant, tmp_path)
+    ref_model = load_hf(family, "ForConditionalGeneration", tmp_path)
+    ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(tmp_path)
+    ids, mask, dec = make_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids, attention_mask=mask, labels=dec)
+        out = ours(input_ids=ids, attention_mask=mask, labels=dec)
+    reference_is_right = not ((family == "UMT5" and not tied) or (family == "MT5" and tied))
+    if reference_is_right:
+        assert_rel_close(out.logits, ref.logits, what="logits")
+        assert_rel_close(out.loss, ref.loss, what="loss")
+    else:
+        # umT5: transformers forces tie_word_embeddings=True and rescales a separate lm_head by
+        # d_model**-0.5 (every released umT5 checkpoint); mT5: it never rescales a tied head.
+        ratio = ours.config.d_model**0.5 if family == "UMT5" else ours.config.d_model**-0.5
+        assert_rel_close(out.logits, ref.logits * ratio, what="logits vs rescaled reference")
+        assert not torch.allclose(out.logits, ref.logits)
+
+
+def test_released_umt5_config_untied_no_rescale(tmp_path) -> None:
+    """A umT5 config.json saying tie_word_embeddings=false (as released) means no rescale."""
+    import json
+
+    save_hf_model("UMT5", "ForConditionalGeneration", "gated_untied", tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = t5kit.UMT5ForConditionalGeneration.from_pretrained(tmp_path)
+    ref = load_hf("UMT5", "ForConditionalGeneration", tmp_path)
+    headless = hf().UMT5Model.from_pretrained(tmp_path).eval()
+    assert not ours.config.tie_word_embeddings and not ours.config.rescale_output
+    ids, mask, dec = make_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        hidden = headless(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).last_hidden_state
+        logits = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        ref_logits = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert_rel_close(logits, hidden @ ref.lm_head.weight.T)
+    assert_rel_close(ref_logits, hidden @ ref.lm_head.weight.T * ours.config.d_model**-0.5)  # the reference's bug
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_return_dict_false_matches_reference_tuple(family: str, tmp_path) -> None:
+    variant = "gated_untied" if family == "MT5" else "relu_tied"  # where the reference's head is right
+    save_hf_model(family, "ForConditionalGeneration", variant, tmp_path)
+    ref_model = load_hf(family, "ForConditionalGeneration", tmp_path)
+    ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(tmp_path)
+    ids, mask, dec = make_batch(ours.config.vocab_size)
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False, return_dict=False,
+              output_hidden_states=True)
+    with torch.no_grad():
+        ref, out = ref_model(**kw), ours(**kw)
+    assert isinstance(out, tuple) and len(out) == len(ref)
+    for a, b in zip(out, ref):
+        if isinstance(b, tuple):
+            for x, y in zip(a, b):
+                assert_rel_close(x, y)
+        else:
+            assert_rel_close(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_and_right_padding_give_same_result(family: str) -> None:
+    torch.manual_seed(0)
+    config = getattr(t5kit, f"{family}Config")(**VARIANTS["gated_untied"], dropout_rate=0.0)
+    model = getattr(t5kit, f"{family}ForConditionalGeneration")(config).eval()
+    real = torch.randint(2, config.vocab_size, (5,))
+    right = torch.cat([real, torch.zeros(3, dtype=torch.long)])[None]
+    left = torch.cat([torch.zeros(3, dtype=torch.long), real])[None]
+    right_mask = (torch.arange(8) < 5).long()[None]
+    left_mask = (torch.arange(8) >= 3).long()[None]
+    dec = torch.randint(2, config.vocab_size, (1, 4))
+    with torch.no_grad():
+        a = model(input_ids=right, attention_mask=right_mask, decoder_input_ids=dec)
+        b = model(input_ids=left, attention_mask=left_mask, decoder_input_ids=dec)
+    assert_rel_close(a.logits, b.logits)
+    assert_rel_close(a.encoder_last_hidden_state[:, :5], b.encoder_last_hidden_state[:, 3:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("max_length", [None, 16])
+def test_incremental_decoding_equals_full_forward(family: str, max_length, tmp_path) -> None:
+    variant = "gated_untied" if family == "MT5" else "relu_tied"  # where the reference's head is right
+    save_hf_model(family, "ForConditionalGeneration", variant, tmp_path)
+    ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(tmp_path)
+    ref_model = load_hf(family, "ForConditionalGeneration", tmp_path)
+    ids, mask, dec = make_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        full = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+        ref_full = ref_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+        enc = ours.get_encoder()(input_ids=ids, attention_mask=mask)
+        cache = t5kit.EncoderDecoderCache(ours.config.num_decoder_layers, max_length=max_length)
+        steps = []
+        for t in range(dec.shape[1]):
+            out = ours(encoder_outputs=(enc.last_hidden_state,), attention_mask=mask,
+                       decoder_input_ids=dec[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    assert cache.get_seq_length() == dec.shape[1]
+    assert_rel_close(torch.cat(steps, dim=1), full)
+    assert_rel_close(full, ref_full)
+
+
+def test_decoder_padding_mask_matches_reference(tmp_path) -> None:
+    save_hf_model("T5", "ForConditionalGeneration", "gated_untied", tmp_path)
+    ours = t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path)
+    ref = load_hf("T5", "ForConditionalGeneration", tmp_path)
+    ids, mask, dec = make_batch(ours.config.vocab_size)
+    dmask = torch.ones_like(dec)
+    dmask[2, 4:] = 0
+    kw = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dmask)
+    with torch.no_grad():
+        assert_rel_close(ours(**kw).logits, ref(**kw).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inputs_embeds_equal_input_ids(family: str) -> None:
+    torch.manual_seed(0)
+    config = getattr(t5kit, f"{family}Config")(**VARIANTS["relu_tied"], dropout_rate=0.0)
+    model = getattr(t5kit, f"{family}ForConditionalGeneration")(config).eval()
+    ids, mask, dec = make_batch(config.vocab_size)
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        b = model(inputs_embeds=emb(ids), attention_mask=mask, decoder_inputs_embeds=emb(dec)).logits
+    assert_rel_close(b, a)
+
+
+def test_umt5_has_a_position_bias_per_layer_and_t5_only_in_layer_0() -> None:
+    kw = dict(VARIANTS["relu_tied"])
+    t5 = t5kit.T5Model(t5kit.T5Config(**kw))
+    umt5 = t5kit.UMT5Model(t5kit.UMT5Config(**kw))
+    t5_keys = [k for k in t5.state_dict() if "relative_attention_bias" in k]
+    umt5_keys = [k for k in umt5.state_dict() if "relative_attention_bias" in k]
+    assert t5_keys == ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                       "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    assert len(umt5_keys) == kw["num_layers"] + kw["num_decoder_layers"]
+
+
+def test_shift_right_matches_reference() -> None:
+    labels = torch.tensor([[5, 6, -100, -100], [7, 8, 9, 1]])
+    ours = t5kit.T5ForConditionalGeneration(t5kit.T5Config(**VARIANTS["relu_tied"]))
+    ref = hf().T5ForConditionalGeneration(hf().T5Config(**VARIANTS["relu_tied"], decoder_start_token_id=0))
+    assert torch.equal(ours._shift_right(labels), ref._shift_right(labels))
+
+
+def test_training_step_and_gradient_checkpointing_give_same_gradients() -> None:
+    torch.manual_seed(0)
+    config = t5kit.T5Config(**VARIANTS["gated_untied"], dropout_rate=0.0)
+    model = t5kit.T5ForConditionalGeneration(config).train()
+    ids, mask, dec = make_batch(config.vocab_size)
+    model(input_ids=ids, attention_mask=mask, labels=dec).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    out = model(input_ids=ids, attention_mask=mask, labels=dec)
+    assert out.past_key_values is None  # no cache while recomputing
+    out.loss.backward()
+    for n, p in model.named_parameters():
+        assert_rel_close(p.grad, plain[n], what=n)
+
+
+def test_dropout_is_active_in_training_only() -> None:
+    torch.manual_seed(0)
+    config = t5kit.T5Config(**VARIANTS["relu_tied"], dropout_rate=0.5)
+    model = t5kit.T5ForConditionalGeneration(config)
+    ids, mask, dec = make_batch(config.vocab_size)
+    model.train()
+    a, b = model(input_ids=ids, decoder_input_ids=dec).logits, model(input_ids=ids, decoder_input_ids=dec).logits
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(input_ids=ids, decoder_input_ids=dec).logits, model(input_ids=ids, decoder_input_ids=dec).logits
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_forward_is_close_to_float32(dtype) -> None:
+    torch.manual_seed(0)
+    config = t5kit.T5Config(**VARIANTS["gated_untied"], dropout_rate=0.0)
+    model = t5kit.T5ForConditionalGeneration(config).eval()
+    ids, mask, dec = make_batch(config.vocab_size)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        half = model.to(dtype)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    assert_rel_close(half.float(), ref, rel=5e-2)
