@@ -128,12 +128,8 @@ class PreTrainedModel(nn.Module):
         return next(p for p in self.parameters() if p.is_floating_point()).dtype
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Number of (unique) parameters."""
-        skip = set()
-        if exclude_embeddings:
-            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-            if self.get_output_embeddings() is not None:
-                skip.add(id(self.get_output_embeddings().weight))
+        """Number of (unique) parameters; ``exclude_embeddings`` leaves out ``nn.Embedding`` tables."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
         return sum(
             p.numel() for p in self.parameters() if id(p) not in skip and (p.requires_grad or not only_trainable)
         )
