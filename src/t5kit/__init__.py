@@ -37,6 +37,15 @@ from .modeling import (
     UMT5Model,
 )
 from .modeling_utils import PreTrainedModel
+from .tokenization import (
+    AutoTokenizer,
+    BatchEncoding,
+    ByT5Tokenizer,
+    MT5Tokenizer,
+    MT5TokenizerFast,
+    T5Tokenizer,
+    T5TokenizerFast,
+)
 from .outputs import (
     BaseModelOutput,
     ModelOutput,
@@ -57,6 +66,13 @@ __all__ = [
     "AutoModelForSequenceClassification",
     "AutoModelForTextEncoding",
     "AutoModelForTokenClassification",
+    "AutoTokenizer",
+    "BatchEncoding",
+    "ByT5Tokenizer",
+    "MT5Tokenizer",
+    "MT5TokenizerFast",
+    "T5Tokenizer",
+    "T5TokenizerFast",
     "BaseModelOutput",
     "EncoderDecoderCache",
     "ModelOutput",
