@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import t5kit
-from conftest import FAMILIES, HEADS, VARIANTS, assert_rel_close, hf, load_hf, make_batch, save_hf_model
+from conftest import FAMILIES, HEADS, VARIANTS, assert_rel_close, hf, load_hf, make_batch, save_hf_model, tiny_model
 
 
 def _compare_outputs(ours, ref, what: str, skip: tuple[str, ...] = ()) -> None:
@@ -147,9 +147,8 @@ def test_return_dict_false_matches_reference_tuple(family: str, tmp_path) -> Non
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_and_right_padding_give_same_result(family: str) -> None:
-    torch.manual_seed(0)
-    config = getattr(t5kit, f"{family}Config")(**VARIANTS["gated_untied"], dropout_rate=0.0)
-    model = getattr(t5kit, f"{family}ForConditionalGeneration")(config).eval()
+    model = tiny_model(family, "gated_untied")
+    config = model.config
     real = torch.randint(2, config.vocab_size, (5,))
     right = torch.cat([real, torch.zeros(3, dtype=torch.long)])[None]
     left = torch.cat([torch.zeros(3, dtype=torch.long), real])[None]
@@ -201,9 +200,8 @@ def test_decoder_padding_mask_matches_reference(tmp_path) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_inputs_embeds_equal_input_ids(family: str) -> None:
-    torch.manual_seed(0)
-    config = getattr(t5kit, f"{family}Config")(**VARIANTS["relu_tied"], dropout_rate=0.0)
-    model = getattr(t5kit, f"{family}ForConditionalGeneration")(config).eval()
+    model = tiny_model(family, "relu_tied")
+    config = model.config
     ids, mask, dec = make_batch(config.vocab_size)
     emb = model.get_input_embeddings()
     with torch.no_grad():
@@ -231,9 +229,8 @@ def test_shift_right_matches_reference() -> None:
 
 
 def test_training_step_and_gradient_checkpointing_give_same_gradients() -> None:
-    torch.manual_seed(0)
-    config = t5kit.T5Config(**VARIANTS["gated_untied"], dropout_rate=0.0)
-    model = t5kit.T5ForConditionalGeneration(config).train()
+    model = tiny_model("T5", "gated_untied").train()
+    config = model.config
     ids, mask, dec = make_batch(config.vocab_size)
     model(input_ids=ids, attention_mask=mask, labels=dec).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -263,9 +260,8 @@ def test_dropout_is_active_in_training_only() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_is_close_to_float32(dtype) -> None:
-    torch.manual_seed(0)
-    config = t5kit.T5Config(**VARIANTS["gated_untied"], dropout_rate=0.0)
-    model = t5kit.T5ForConditionalGeneration(config).eval()
+    model = tiny_model("T5", "gated_untied")
+    config = model.config
     ids, mask, dec = make_batch(config.vocab_size)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits

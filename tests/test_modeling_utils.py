@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import t5kit
-from conftest import ROOT, VARIANTS, assert_rel_close, hf, load_hf, make_batch, save_hf_model
+from conftest import ROOT, VARIANTS, assert_rel_close, hf, load_hf, make_batch, save_hf_model, tiny_model
 
 
 def _logits(model, vocab: int) -> torch.Tensor:
@@ -21,16 +21,10 @@ def _logits(model, vocab: int) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
 
 
-def _tiny(family: str = "T5", variant: str = "gated_untied", seed: int = 0):
-    torch.manual_seed(seed)
-    config = getattr(t5kit, f"{family}Config")(**VARIANTS[variant], dropout_rate=0.0)
-    return getattr(t5kit, f"{family}ForConditionalGeneration")(config).eval()
-
-
 @pytest.mark.parametrize("family", ["T5", "MT5", "UMT5"])
 @pytest.mark.parametrize("variant", ["relu_tied", "gated_untied"])
 def test_reference_loads_what_we_save(family: str, variant: str, tmp_path) -> None:
-    ours = _tiny(family, variant)
+    ours = tiny_model(family, variant)
     ours.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     ref = load_hf(family, "ForConditionalGeneration", tmp_path)
@@ -88,7 +82,7 @@ def test_pytorch_bin_checkpoints_load(sharded: bool, tmp_path) -> None:
 
 
 def test_our_sharded_save_round_trips_and_reference_loads_it(tmp_path) -> None:
-    ours = _tiny("T5", "gated_untied")
+    ours = tiny_model("T5", "gated_untied")
     ours.save_pretrained(tmp_path, max_shard_size="10KB")
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -105,7 +99,7 @@ def test_our_sharded_save_round_trips_and_reference_loads_it(tmp_path) -> None:
 def test_save_is_atomic(tmp_path, monkeypatch) -> None:
     import safetensors.torch
 
-    ours = _tiny()
+    ours = tiny_model()
     ours.save_pretrained(tmp_path)
     before = (tmp_path / "model.safetensors").read_bytes()
 
@@ -127,7 +121,7 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path, monkeypatch) -> None:
     """The model's parameters are the very tensors read from disk: no second copy, no random init."""
     import t5kit.modeling_utils as mu
 
-    _tiny().save_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path)
     read_ptrs: set[int] = set()
     original = mu.load_checkpoint_state
 
@@ -147,7 +141,7 @@ def test_loading_keeps_one_copy_of_the_weights(tmp_path, monkeypatch) -> None:
 def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog) -> None:
     from safetensors.torch import load_file, save_file
 
-    _tiny().save_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     del state["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
     state["encoder.block.9.extra.weight"] = torch.zeros(2)
@@ -162,7 +156,7 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, caplog) -> None:
 
 
 def test_encoder_and_heads_load_from_a_full_checkpoint(tmp_path, caplog) -> None:
-    _tiny("UMT5", "gated_untied").save_pretrained(tmp_path)
+    tiny_model("UMT5", "gated_untied").save_pretrained(tmp_path)
     with caplog.at_level(logging.WARNING, logger="t5kit"):
         enc, info = t5kit.UMT5EncoderModel.from_pretrained(tmp_path, output_loading_info=True)
     assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
@@ -178,7 +172,7 @@ def test_encoder_and_heads_load_from_a_full_checkpoint(tmp_path, caplog) -> None
 
 
 def test_dtype_and_device_options(tmp_path) -> None:
-    _tiny().save_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path)
     assert t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path).dtype == torch.float32
     bf16 = t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
     assert bf16.dtype == torch.bfloat16 and bf16.device == torch.device("cpu")
@@ -201,7 +195,7 @@ def _hub_cache(tmp_path, model) -> tuple[str, str]:
 
 
 def test_hub_id_loads_from_the_cache_offline(tmp_path) -> None:
-    model = _tiny()
+    model = tiny_model()
     cache, repo = _hub_cache(tmp_path, model)
     loaded = t5kit.AutoModelForSeq2SeqLM.from_pretrained(repo, cache_dir=cache, local_files_only=True)
     assert torch.equal(_logits(loaded, 103), _logits(model, 103))
@@ -210,7 +204,7 @@ def test_hub_id_loads_from_the_cache_offline(tmp_path) -> None:
 
 
 def test_hub_offline_env_in_a_fresh_process(tmp_path) -> None:
-    cache, repo = _hub_cache(tmp_path, _tiny())
+    cache, repo = _hub_cache(tmp_path, tiny_model())
     code = (
         "import t5kit, sys\n"
         f"m = t5kit.AutoModelForSeq2SeqLM.from_pretrained({repo!r}, cache_dir={cache!r})\n"
@@ -231,7 +225,7 @@ def test_hub_offline_env_in_a_fresh_process(tmp_path) -> None:
 
 
 def test_config_that_does_not_match_the_weights(tmp_path) -> None:
-    _tiny().save_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["d_ff"] = 40
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -240,7 +234,7 @@ def test_config_that_does_not_match_the_weights(tmp_path) -> None:
 
 
 def test_truncated_and_corrupt_weight_files(tmp_path) -> None:
-    _tiny().save_pretrained(tmp_path)
+    tiny_model().save_pretrained(tmp_path)
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match="truncated or corrupt"):
@@ -256,7 +250,7 @@ def test_truncated_and_corrupt_weight_files(tmp_path) -> None:
 
 
 def test_pickled_code_is_refused(tmp_path) -> None:
-    _tiny().config.save_pretrained(tmp_path)
+    tiny_model().config.save_pretrained(tmp_path)
 
     class Evil:
         def __reduce__(self):
@@ -268,7 +262,7 @@ def test_pickled_code_is_refused(tmp_path) -> None:
 
 
 def test_directory_without_weights_or_config(tmp_path) -> None:
-    _tiny().config.save_pretrained(tmp_path)
+    tiny_model().config.save_pretrained(tmp_path)
     with pytest.raises(OSError, match="No weights found"):
         t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path)
     with pytest.raises(OSError, match="has no config.json"):
@@ -276,7 +270,7 @@ def test_directory_without_weights_or_config(tmp_path) -> None:
 
 
 def test_family_mismatch_is_refused(tmp_path) -> None:
-    _tiny("UMT5").save_pretrained(tmp_path)
+    tiny_model("UMT5").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="model_type='umt5'"):
         t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="needs a UMT5Config"):
@@ -289,7 +283,7 @@ def test_family_mismatch_is_refused(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def model():
-    return _tiny("T5", "relu_tied")
+    return tiny_model("T5", "relu_tied")
 
 
 @pytest.mark.parametrize(

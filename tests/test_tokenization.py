@@ -96,6 +96,8 @@ def test_long_input_truncation_and_padding_equal_reference(ours, reference) -> N
     target = ours(["a b", "c"], text_target=["x y z", "w"], padding=True, return_tensors="np")
     ref = reference(["a b", "c"], text_target=["x y z", "w"], padding=True, return_tensors="np")
     assert (target["labels"] == ref["labels"]).all() and (target["input_ids"] == ref["input_ids"]).all()
+    alone, ref_alone = ours(text_target=["x y z", "w"], padding=True), reference(text_target=["x y z", "w"], padding=True)
+    assert dict(alone) == dict(ref_alone.items())
 
 
 def test_api_documented_on_the_reference_pages(ours, reference) -> None:

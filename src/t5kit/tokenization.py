@@ -18,6 +18,7 @@ import re
 from typing import Any, Sequence
 
 from ._files import atomic_path, atomic_write_text, resolve_file
+from .config import _read_json
 
 __all__ = [
     "T5TokenizerFast",
@@ -59,16 +60,22 @@ class _Base:
     eos_token = "</s>"
     unk_token = "<unk>"
 
-    def __init__(self, model_max_length: int = 512, padding_side: str = "right", truncation_side: str = "right") -> None:
+    def __init__(
+        self,
+        model_max_length: int,
+        padding_side: str = "right",
+        truncation_side: str = "right",
+        clean_up_tokenization_spaces: bool = False,
+    ) -> None:
         if padding_side not in ("left", "right") or truncation_side not in ("left", "right"):
             raise ValueError("padding_side and truncation_side must be 'left' or 'right'")
         self.model_max_length = model_max_length
         self.padding_side = padding_side
-        # Whether decode() removes spaces before punctuation by default (tokenizer_config.json's value).
-        self.clean_up_tokenization_spaces = False
         self.truncation_side = truncation_side
+        # Whether decode() removes spaces before punctuation by default (tokenizer_config.json's value).
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
 
-    # Subclasses provide these three.
+    # Subclasses provide these, plus convert_tokens_to_ids, __len__ and from_pretrained.
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 
@@ -135,15 +142,11 @@ class _Base:
             add_special_tokens=add_special_tokens, padding=padding, truncation=truncation, max_length=max_length,
             return_tensors=return_tensors, padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of,
         )
-        out = BatchEncoding()
-        if text is not None:
-            enc = self._batch(text, text_pair, return_attention_mask=return_attention_mask, **options)
-            out.update(enc)
+        if text is None:  # targets alone are encoded like inputs
+            return self._batch(text_target, None, return_attention_mask=return_attention_mask, **options)
+        out = self._batch(text, text_pair, return_attention_mask=return_attention_mask, **options)
         if text_target is not None:
-            target = self._batch(text_target, None, return_attention_mask=False, **options)
-            if text is None:
-                return BatchEncoding({**target, "attention_mask": self._batch(text_target, None, return_attention_mask=True, **options)["attention_mask"]} if return_attention_mask else target)
-            out["labels"] = target["input_ids"]
+            out["labels"] = self._batch(text_target, None, return_attention_mask=False, **options)["input_ids"]
         return out
 
     def _batch(
@@ -171,7 +174,6 @@ class _Base:
                 raise ValueError("text_pair must be a string or a list of strings as long as text")
         ids = self._encode_batch(list(texts))
         pair_ids = self._encode_batch(pairs) if pairs is not None else None
-        eos = self.eos_token_id
         rows = []
         for i, a in enumerate(ids):
             b = pair_ids[i] if pair_ids is not None else None
@@ -186,7 +188,8 @@ class _Base:
             target = max(lengths) if padding != "max_length" else (max_length or self.model_max_length)
             if pad_to_multiple_of:
                 target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
-            fill = [[self.pad_token_id] * max(target - n, 0) for n in lengths]
+            pad_id = self.pad_token_id
+            fill = [[pad_id] * max(target - n, 0) for n in lengths]
             zeros = [[0] * len(f) for f in fill]
             if side == "right":
                 rows, masks = [r + f for r, f in zip(rows, fill)], [[1] * n + z for n, z in zip(lengths, zeros)]
@@ -325,8 +328,7 @@ class T5TokenizerFast(_Base):
         clean_up_tokenization_spaces: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(model_max_length, padding_side, truncation_side)
-        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        super().__init__(model_max_length, padding_side, truncation_side, clean_up_tokenization_spaces)
         self.eos_token, self.unk_token, self.pad_token = eos_token, unk_token, pad_token
         if tokenizer_file is not None:
             vocab, charsmap = _read_tokenizer_json(tokenizer_file)
@@ -598,14 +600,7 @@ class AutoTokenizer:
 
 
 def _read_optional_json(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise OSError(f"{path} is not valid JSON ({e}); the file may be truncated or corrupt") from e
-    return data if isinstance(data, dict) else {}
+    return {} if path is None else _read_json(path)
 
 
 def _read_tokenizer_json(path: str) -> tuple[list[tuple[str, float]], bytes | None]:
