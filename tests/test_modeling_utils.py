@@ -26,7 +26,7 @@ def _logits(model, vocab: int) -> torch.Tensor:
 def test_reference_loads_what_we_save(family: str, variant: str, tmp_path) -> None:
     ours = tiny_model(family, variant)
     ours.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
     ref = load_hf(family, "ForConditionalGeneration", tmp_path)
     tied = VARIANTS[variant]["tie_word_embeddings"]
     if (family == "UMT5" and not tied) or (family == "MT5" and tied):
@@ -93,7 +93,7 @@ def test_our_sharded_save_round_trips_and_reference_loads_it(tmp_path) -> None:
     assert_rel_close(_logits(load_hf("T5", "ForConditionalGeneration", tmp_path), 103), _logits(ours, 103))
     # Saving again unsharded removes the shards and index of the earlier save.
     ours.save_pretrained(tmp_path)
-    assert sorted(f for f in os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(f for f in os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
 
 
 def test_save_is_atomic(tmp_path, monkeypatch) -> None:
@@ -114,7 +114,7 @@ def test_save_is_atomic(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="disk full"):
         ours.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]  # no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]  # no temporary left
 
 
 def test_loading_keeps_one_copy_of_the_weights(tmp_path, monkeypatch) -> None:

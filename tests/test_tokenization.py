@@ -137,6 +137,8 @@ def test_bad_input_gets_clear_errors(ours, tmp_path) -> None:
         ours(["ok", None])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ours.decode([5, 40000])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ours.decode([5, -1])
     with pytest.raises(ValueError, match="padding=True"):
         ours(["a", "a b c"], return_tensors="pt")
     with pytest.raises(OSError, match="no tokenizer.json or spiece.model"):
@@ -161,3 +163,10 @@ def test_byt5_equals_reference(text: str, tmp_path) -> None:
     assert ours.convert_tokens_to_ids("<extra_id_0>") == ref.convert_tokens_to_ids("<extra_id_0>") == 259
     ours.save_pretrained(tmp_path)
     assert type(t5kit.AutoTokenizer.from_pretrained(tmp_path)) is t5kit.ByT5Tokenizer
+
+
+def test_embedding_padding_ids_decode_to_nothing(ours, reference) -> None:
+    """The model's 28 padding rows (32100..32127) may be generated; like the reference, they decode to ''."""
+    ids = [100, 32107, 200, 32127]
+    assert ours.decode(ids) == reference.decode(ids) == ours.decode([100, 200])
+    assert ours.batch_decode([ids], skip_special_tokens=True) == reference.batch_decode([ids], skip_special_tokens=True)

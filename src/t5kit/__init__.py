@@ -16,6 +16,13 @@ from .auto import (
 )
 from .cache import EncoderDecoderCache
 from .config import MT5Config, T5Config, UMT5Config
+from .generation import (
+    GenerateBeamEncoderDecoderOutput,
+    GenerateEncoderDecoderOutput,
+    GenerationConfig,
+    TextIteratorStreamer,
+    TextStreamer,
+)
 from .modeling import (
     MT5EncoderModel,
     MT5ForConditionalGeneration,
@@ -75,6 +82,11 @@ __all__ = [
     "T5TokenizerFast",
     "BaseModelOutput",
     "EncoderDecoderCache",
+    "GenerateBeamEncoderDecoderOutput",
+    "GenerateEncoderDecoderOutput",
+    "GenerationConfig",
+    "TextIteratorStreamer",
+    "TextStreamer",
     "ModelOutput",
     "MT5Config",
     "MT5EncoderModel",

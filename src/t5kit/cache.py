@@ -4,8 +4,10 @@ Decoder self-attention keys/values grow by one step at a time; cross-attention k
 computed from the encoder output once and reused by every later step.
 
 With ``max_length`` the self-attention buffers are preallocated once, (B, H, max_length, D) per
-layer, and each step writes in place: no reallocation or concatenation in the decoding loop.
-Without it, steps are concatenated (the reference's dynamic cache behaviour).
+layer, and each step writes in place: no reallocation or concatenation in the decoding loop. The
+decoder's relative position bias is then also built once, as an (1, H, max_length, max_length)
+table per bias-owning layer, and each step takes a slice of it instead of rebuilding the bias.
+Without ``max_length``, steps are concatenated (the reference's dynamic cache behaviour).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class EncoderDecoderCache:
         self.cross_keys: list[torch.Tensor | None] = [None] * num_layers
         self.cross_values: list[torch.Tensor | None] = [None] * num_layers
         self._length = 0  # positions written and committed by `advance`
+        # layer index -> (1, H, max_length, max_length) position bias, filled by the decoder stack.
+        self.position_bias_tables: dict[int, torch.Tensor] = {}
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of decoder positions already in the cache."""
@@ -81,8 +85,20 @@ class EncoderDecoderCache:
         self.cross_keys[layer_idx], self.cross_values[layer_idx] = key, value
 
     def reorder_cache(self, index: torch.Tensor) -> None:
-        """Select batch rows (e.g. surviving beams) of the self-attention caches, in place."""
+        """Select batch rows (e.g. surviving beams) of the self-attention caches.
+
+        Cross-attention keys/values are left alone: beams of one input share them (the attention
+        layer groups a row's beams against its single copy of the encoder keys).
+        """
+        n = self._length
         for i in range(self.num_layers):
-            if self.self_keys[i] is not None:
-                self.self_keys[i] = self.self_keys[i].index_select(0, index)  # type: ignore[union-attr]
-                self.self_values[i] = self.self_values[i].index_select(0, index)  # type: ignore[union-attr]
+            k, v = self.self_keys[i], self.self_values[i]
+            if k is None or v is None:
+                continue
+            if self.max_length is None:
+                self.self_keys[i], self.self_values[i] = k.index_select(0, index), v.index_select(0, index)
+            elif index.shape[0] == k.shape[0]:  # preallocated: rewrite only the positions written so far
+                k[:, :, :n] = k[:, :, :n].index_select(0, index)
+                v[:, :, :n] = v[:, :, :n].index_select(0, index)
+            else:
+                self.self_keys[i], self.self_values[i] = k.index_select(0, index), v.index_select(0, index)

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .cache import EncoderDecoderCache
 from .config import MT5Config, T5Config, UMT5Config
+from .generation import GenerationConfig, GenerationMixin
 from .modeling_utils import PreTrainedModel
 from .outputs import (
     BaseModelOutput,
@@ -250,7 +251,15 @@ class T5Attention(nn.Module):
             if cache is not None:
                 cache.set_cross(layer_idx, k, v)
         dropout_p = self.dropout if self.training else 0.0
-        out, weights = attend(q, k, v, bias, dropout_p, need_weights)
+        if k.shape[0] != b:
+            # Beams (or returned samples) of one input share its encoder keys/values: the G rows of a
+            # group attend as G*T queries of one row, so the encoder output is never copied per beam.
+            rows, g = k.shape[0], b // k.shape[0]
+            q = q.view(rows, g, self.n_heads, t, self.d_kv).transpose(1, 2).reshape(rows, self.n_heads, g * t, self.d_kv)
+            out, weights = attend(q, k, v, bias, dropout_p, need_weights=False)  # (rows, H, G*T, D)
+            out = out.view(rows, self.n_heads, g, t, self.d_kv).transpose(1, 2).reshape(b, self.n_heads, t, self.d_kv)
+        else:
+            out, weights = attend(q, k, v, bias, dropout_p, need_weights)
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_kv)), weights
 
 
@@ -352,12 +361,31 @@ class T5Stack(nn.Module):
             max_distance=self.config.relative_attention_max_distance,
         )
 
+    def _position_bias(
+        self, layer_idx: int, attn: T5Attention, buckets: torch.Tensor | None, t: int, k: int, past: int,
+        dtype: torch.dtype, cache: EncoderDecoderCache | None,
+    ) -> torch.Tensor:
+        """(1, H, T, K) relative position bias for queries past..past+T-1 over keys 0..K-1.
+
+        ``buckets`` (T, K) is None when decoding with a preallocated cache: then the whole
+        (1, H, L, L) table is built once per layer and each step takes a slice of it.
+        """
+        if buckets is not None or cache is None or cache.max_length is None:
+            assert buckets is not None
+            return attn.position_bias(buckets).to(dtype)
+        table = cache.position_bias_tables.get(layer_idx)
+        if table is None or table.dtype != dtype:
+            n = cache.max_length
+            table = attn.position_bias(self._buckets(n, n, 0, attn.q.weight.device)).to(dtype)
+            cache.position_bias_tables[layer_idx] = table
+        return table[:, :, past : past + t, :k]
+
     def _mask_bias(
         self, attention_mask: torch.Tensor | None, t: int, k: int, past: int, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor | None:
         """Additive (B|1, 1, T|1, K) bias from the padding mask, and the causal mask in a decoder."""
         bias = _padding_bias(attention_mask, dtype)
-        if self.is_decoder:
+        if self.is_decoder and t > 1:  # one new query may see every key so far: nothing to mask
             future = torch.arange(k, device=device)[None, :] > torch.arange(past, past + t, device=device)[:, None]
             causal = torch.zeros(t, k, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)
             bias = causal[None, None] if bias is None else bias + causal
@@ -384,7 +412,9 @@ class T5Stack(nn.Module):
                 f"positions but there are {k} ({past} cached + {t} new); pass a mask over all positions"
             )
         dtype, device = x.dtype, x.device
-        buckets = self._buckets(t, k, past, device)
+        # Without grad, a preallocated cache serves the bias from its table; otherwise buckets once per call.
+        use_table = cache is not None and cache.max_length is not None and not torch.is_grad_enabled()
+        buckets = None if use_table else self._buckets(t, k, past, device)
         mask_bias = self._mask_bias(attention_mask, t, k, past, dtype, device)
         cross_bias = _padding_bias(encoder_attention_mask, dtype) if self.is_decoder else None
 
@@ -396,7 +426,7 @@ class T5Stack(nn.Module):
         for i, block in enumerate(self.block):
             attn = block.layer[0].SelfAttention
             if attn.has_relative_attention_bias:  # layer 0 only, or every layer in umT5
-                pos = attn.position_bias(buckets).to(dtype)  # (1, H, T, K)
+                pos = self._position_bias(i, attn, buckets, t, k, past, dtype, cache)  # (1, H, T, K)
                 self_bias = pos if mask_bias is None else pos + mask_bias
             if output_hidden_states:
                 all_hidden.append(x)
@@ -590,7 +620,7 @@ class T5Model(_EncoderDecoderBase):
         return self._return(out, return_dict)
 
 
-class T5ForConditionalGeneration(_EncoderDecoderBase):
+class T5ForConditionalGeneration(GenerationMixin, _EncoderDecoderBase):
     """Encoder-decoder with the language-modelling head: the model for generation and fine-tuning."""
 
     config_class = T5Config
@@ -599,7 +629,29 @@ class T5ForConditionalGeneration(_EncoderDecoderBase):
         super().__init__(config)
         self.model_dim = config.d_model
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.post_init()
+
+    def decode_step(
+        self,
+        decoder_input_ids: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None,
+        cache: EncoderDecoderCache,
+    ) -> torch.Tensor:
+        """One decoding step: feed new tokens (N, T), return next-token logits (N, vocab_size).
+
+        The cache holds earlier positions and receives these; ``encoder_hidden_states`` (B, S, d)
+        may have fewer rows than the decoder (N = B * G): each input's G beams share it. No input
+        checks run here: this is the inner loop of ``generate``.
+        """
+        out = self.decoder(
+            input_ids=decoder_input_ids,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            cache=cache,
+        )
+        return self.lm_logits(out.last_hidden_state[:, -1])
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head

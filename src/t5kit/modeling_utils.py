@@ -300,7 +300,15 @@ class PreTrainedModel(nn.Module):
             raise TypeError(f"{cls.__name__} needs a {cls.config_class.__name__}, got {type(config).__name__}")
         files = _weight_files(path, hub_kwargs)
         state, loaded_dtype = load_checkpoint_state(files, dtype=_resolve_dtype(dtype, config), device=device)
-        return cls._from_state(config, state, device=device, dtype=loaded_dtype, output_loading_info=output_loading_info)
+        result = cls._from_state(config, state, device=device, dtype=loaded_dtype, output_loading_info=output_loading_info)
+        model = result[0] if output_loading_info else result
+        if hasattr(model, "generation_config"):
+            from .generation import GENERATION_CONFIG_NAME, GenerationConfig
+
+            gen_file = resolve_file(path, GENERATION_CONFIG_NAME, required=False, **hub_kwargs)
+            if gen_file is not None:
+                model.generation_config = GenerationConfig.from_pretrained(gen_file)
+        return result
 
     @classmethod
     def _from_state(
@@ -363,7 +371,8 @@ class PreTrainedModel(nn.Module):
         safe_serialization: bool = True,
         **kwargs: Any,
     ) -> None:
-        """Write ``config.json`` and the weights (safetensors, sharded past ``max_shard_size``).
+        """Write ``config.json``, ``generation_config.json`` (models that generate) and the weights
+        (safetensors, sharded past ``max_shard_size``).
 
         Every file is written atomically; tied weights are stored once (``shared.weight``), as the
         reference writes them, so transformers and t5kit both load the directory.
@@ -406,6 +415,9 @@ class PreTrainedModel(nn.Module):
         if "architectures" not in config._extra_keys:
             config._extra_keys.append("architectures")
         config.save_pretrained(save_directory)
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(save_directory)
 
     def _checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict in the reference's layout: each tensor once, contiguous, on the CPU."""

@@ -260,6 +260,7 @@ class _Base:
         ids = _as_ids(token_ids)
         if ids and isinstance(ids[0], list):
             raise ValueError("decode takes one sequence; use batch_decode for a batch")
+        ids = self._drop_embedding_padding(ids)
         self._check_ids(ids)
         text = self._decode(ids, skip_special_tokens)
         if clean_up_tokenization_spaces is None:
@@ -276,6 +277,14 @@ class _Base:
                 raise TypeError(f"token ids must be integers, got {type(i).__name__}")
             if not 0 <= i < n:
                 raise ValueError(f"token id {i} is outside the vocabulary [0, {n})")
+
+    def _drop_embedding_padding(self, ids: list[int]) -> list[int]:
+        """Drop ids of the rows the models pad their embedding with (t5: 32100..32127, mT5:
+        250100..250111; the vocabulary rounded up to a multiple of 128). Models can emit them and
+        they have no text, so they decode to nothing, as in the reference; other ids are checked."""
+        n = len(self)
+        padded = -(-n // 128) * 128
+        return [i for i in ids if not (isinstance(i, int) and n <= i < padded)]
 
     def __len__(self) -> int:
         raise NotImplementedError
