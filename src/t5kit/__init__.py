@@ -44,6 +44,7 @@ from .modeling import (
     UMT5Model,
 )
 from .modeling_utils import PreTrainedModel
+from .pipelines import FeatureExtractionPipeline, Text2TextGenerationPipeline, pipeline
 from .tokenization import (
     AutoTokenizer,
     BatchEncoding,
@@ -82,6 +83,9 @@ __all__ = [
     "T5TokenizerFast",
     "BaseModelOutput",
     "EncoderDecoderCache",
+    "FeatureExtractionPipeline",
+    "Text2TextGenerationPipeline",
+    "pipeline",
     "GenerateBeamEncoderDecoderOutput",
     "GenerateEncoderDecoderOutput",
     "GenerationConfig",

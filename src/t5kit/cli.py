@@ -1,0 +1,346 @@
+"""The ``t5kit`` command line (also ``python -m t5kit``).
+
+    t5kit run   --task text2text-generation --model M [options]   # stdin lines -> one result per line
+    t5kit batch --model M --input IN.txt|IN.jsonl --output OUT.jsonl [options]   # resumable
+    t5kit info  M                                                 # family, sizes, parameters, files
+
+Models are directories or Hub ids (huggingface_hub's cache, ``--revision``, ``--local-files-only``,
+``HF_HUB_OFFLINE=1``). Errors are printed as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+_GENERATION_OPTIONS: tuple[tuple[str, type, str], ...] = (
+    ("max_new_tokens", int, "maximum number of tokens to generate"),
+    ("min_new_tokens", int, "minimum number of tokens to generate"),
+    ("max_length", int, "maximum output length, decoder start token included"),
+    ("min_length", int, "minimum output length, decoder start token included"),
+    ("num_beams", int, "beam search with this many beams"),
+    ("num_return_sequences", int, "sequences per input (batch output only)"),
+    ("length_penalty", float, "beam score = log-prob / length**length_penalty"),
+    ("temperature", float, "sampling temperature"),
+    ("top_k", int, "sample from the k most likely tokens"),
+    ("top_p", float, "sample from the smallest set with this probability"),
+    ("repetition_penalty", float, "penalise tokens already generated"),
+    ("no_repeat_ngram_size", int, "never repeat an n-gram of this size"),
+    ("seed", int, "random seed for sampling"),
+)
+
+
+class CLIError(Exception):
+    """An error to report on one line, without a traceback."""
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or Hub id")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--local-files-only", action="store_true", help="never contact the Hub (as HF_HUB_OFFLINE=1)")
+    p.add_argument("--batch-size", type=int, default=None, help="inputs per forward pass")
+    for name, kind, text in _GENERATION_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=text)
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy/beam search")
+    p.add_argument("--early-stopping", choices=["true", "false", "never"], default=None, help="beam search stopping rule")
+
+
+def _build_pipeline(args: argparse.Namespace, task: str, default_batch: int) -> Any:
+    from .pipelines import pipeline
+
+    gen: dict[str, Any] = {name: getattr(args, name) for name, _, _ in _GENERATION_OPTIONS if getattr(args, name) is not None}
+    if args.do_sample:
+        gen["do_sample"] = True
+    if args.early_stopping is not None:
+        gen["early_stopping"] = {"true": True, "false": False}.get(args.early_stopping, args.early_stopping)
+    hub = {k: v for k, v in (("revision", args.revision), ("local_files_only", args.local_files_only or None)) if v}
+    if task == "feature-extraction" and gen:
+        raise CLIError(f"feature-extraction takes no generation options (got {', '.join(sorted(gen))})")
+    return pipeline(
+        task, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        batch_size=args.batch_size or default_batch, **hub, **gen,
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.splitlines())
+
+
+def _format(pipe: Any, result: Any) -> str:
+    """One output line: the text of a generation, or a JSON array for an embedding."""
+    if isinstance(result, dict):
+        return _one_line(next(v for k, v in result.items() if k.endswith("_text")))
+    return json.dumps(result)
+
+
+# ------------------------------------------------------------------------------------------------
+# t5kit run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Read stdin line by line, print one result per line (flushed), like `transformers run`."""
+    pipe = _build_pipeline(args, args.task, default_batch=1)
+    extra = {"pooling": "mean"} if args.task == "feature-extraction" else {}
+    seen = 0
+    pending: list[str] = []
+
+    def flush() -> None:
+        results = pipe(pending, **extra)
+        for r in results:
+            print(_format(pipe, r[0] if isinstance(r, list) and r and isinstance(r[0], dict) else r), flush=True)
+        pending.clear()
+
+    for line in sys.stdin:
+        pending.append(line.rstrip("\n"))
+        seen += 1
+        if len(pending) >= pipe.batch_size:
+            flush()
+    if pending:
+        flush()
+    if seen == 0:
+        raise CLIError("no input: t5kit run reads one text per line from stdin")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# t5kit batch
+
+
+def _read_records(path: str, field: str, id_field: str) -> list[tuple[Any, str]]:
+    """(id, text) per record of a .txt (one text per line) or .jsonl file."""
+    if not os.path.isfile(path):
+        raise CLIError(f"input file {path} does not exist")
+    records: list[tuple[Any, str]] = []
+    jsonl = path.endswith((".jsonl", ".json"))
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            line = line.rstrip("\n")
+            if not jsonl:
+                records.append((n, line))
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CLIError(f"{path} line {n + 1} is not valid JSON ({e})") from e
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise CLIError(f"{path} line {n + 1} has no string field {field!r} (choose it with --field)")
+            records.append((record.get(id_field, len(records)), record[field]))
+    if not records:
+        raise CLIError(f"{path} holds no records")
+    return records
+
+
+def _resume_point(path: str, records: list[tuple[Any, str]]) -> int:
+    """How many records the output already holds. Output lines are written in input order, so
+    finished results are a prefix; a partial last line (a kill during a write) is cut off."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data.rfind(b"\n") + 1  # only complete lines count
+    lines = data[:keep].decode("utf-8").splitlines()
+    for n, line in enumerate(lines):
+        try:
+            rid = json.loads(line)["id"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CLIError(f"{path} line {n + 1} is not a t5kit batch result; use another --output or --overwrite") from e
+        if n >= len(records) or rid != records[n][0]:
+            raise CLIError(f"{path} belongs to another input (line {n + 1} has id {rid!r}); use another --output or --overwrite")
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return len(lines)
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Generate for every record of a file into a JSONL file, in order, resumably."""
+    from tqdm.auto import tqdm
+
+    from .pipelines import by_length_batches
+
+    records = _read_records(args.input, args.field, args.id_field)
+    if args.overwrite and os.path.exists(args.output):
+        os.remove(args.output)
+    done = _resume_point(args.output, records)
+    if done == len(records):
+        print(f"{args.output} already holds all {done} results", file=sys.stderr)
+        return 0
+    if args.task == "feature-extraction":
+        raise CLIError("t5kit batch runs generation tasks; use the Python pipeline for feature-extraction")
+    pipe = _build_pipeline(args, args.task, default_batch=8)
+    kwargs = dict(pipe.generate_kwargs)
+    n_return = int(kwargs.get("num_return_sequences") or 1)
+    key = f"{pipe.output_key}_text"
+    window = pipe.batch_size * 16  # records sorted by length within a window, written in order
+    pad = pipe.tokenizer.pad_token_id
+    fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    generated, start = 0, time.perf_counter()
+    bar = tqdm(total=len(records), initial=done, unit="rec", desc="t5kit batch", dynamic_ncols=True)
+    try:
+        for first in range(done, len(records), window):
+            chunk = records[first : first + window]
+            texts = [pipe.prefix + text for _, text in chunk]
+            lengths = [len(ids) for ids in pipe.tokenizer(texts)["input_ids"]]
+            results: dict[int, list[str]] = {}
+            written = 0
+            for batch in by_length_batches(lengths, pipe.batch_size):
+                outs = pipe.run([texts[i] for i in batch], len(batch), False, kwargs)
+                for i, ids in zip(batch, outs):
+                    generated += int((ids[:, 1:] != pad).sum())
+                    results[i] = [pipe.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+                # Write the finished prefix of the chunk in one system call, then make it durable.
+                lines = []
+                while written in results:
+                    rid = chunk[written][0]
+                    texts_out = results.pop(written)
+                    value: Any = texts_out[0] if n_return == 1 else texts_out
+                    lines.append(json.dumps({"id": rid, key: value}, ensure_ascii=False) + "\n")
+                    written += 1
+                if lines:
+                    os.write(fd, "".join(lines).encode("utf-8"))
+                    os.fsync(fd)
+                    bar.update(len(lines))
+                bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tok/s")
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nstopped; {args.output} holds every finished result. Run the same command to continue.", file=sys.stderr)
+        return 130
+    finally:
+        os.close(fd)
+    bar.close()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# t5kit info
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64"}
+
+
+def model_info(path: str, **hub_kwargs: Any) -> dict[str, Any]:
+    """Family, sizes, parameter count, dtypes and files of a checkpoint, without building the model."""
+    import torch
+
+    from .auto import AutoConfig
+    from .modeling_utils import _weight_files
+
+    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    files = _weight_files(path, hub_kwargs)
+    params, dtypes = 0, set()
+    for file in files:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    s = f.get_slice(k)
+                    params += int(torch.Size(s.get_shape()).numel())
+                    dtypes.add(_SAFETENSORS_DTYPES.get(s.get_dtype(), s.get_dtype()))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            seen: set[int] = set()
+            for k, t in state.items():
+                if k.endswith(("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")) or t.data_ptr() in seen:
+                    continue
+                seen.add(t.data_ptr())
+                params += t.numel()
+                dtypes.add(str(t.dtype).replace("torch.", ""))
+    folder = os.path.dirname(files[0])
+    listing = {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+               if os.path.isfile(os.path.join(folder, name))}
+    return {
+        "model": path,
+        "family": config.model_type,
+        "architectures": getattr(config, "architectures", None),
+        "vocab_size": config.vocab_size,
+        "d_model": config.d_model,
+        "d_kv": config.d_kv,
+        "d_ff": config.d_ff,
+        "num_heads": config.num_heads,
+        "encoder_layers": config.num_layers,
+        "decoder_layers": config.num_decoder_layers,
+        "feed_forward_proj": config.feed_forward_proj,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "parameters": params,
+        "dtypes": sorted(dtypes),
+        "files": listing,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    hub = {k: v for k, v in (("revision", args.revision), ("local_files_only", args.local_files_only or None)) if v}
+    info = model_info(args.model_path, **hub)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    arch = ", ".join(info["architectures"] or []) or "-"
+    print(f"{info['model']}: {info['family']} ({arch})")
+    print(f"  d_model {info['d_model']}, d_ff {info['d_ff']}, d_kv {info['d_kv']}, heads {info['num_heads']}, "
+          f"layers {info['encoder_layers']} encoder / {info['decoder_layers']} decoder, vocab {info['vocab_size']}")
+    print(f"  feed-forward {info['feed_forward_proj']}, tied embeddings: {info['tie_word_embeddings']}")
+    print(f"  parameters {info['parameters']:,}, dtype {', '.join(info['dtypes'])}")
+    print("  files: " + ", ".join(f"{n} ({_human(s)})" for n, s in info["files"].items()))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t5kit", description="The T5 family from the command line.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="read texts from stdin, print one result per line")
+    run.add_argument("--task", default="text2text-generation",
+                     help="text2text-generation, summarization, translation[_xx_to_yy] or feature-extraction")
+    _add_model_options(run)
+    run.set_defaults(func=cmd_run)
+    batch = sub.add_parser("batch", help="generate for a .txt/.jsonl file into a .jsonl file (resumable)")
+    batch.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl file")
+    batch.add_argument("--output", required=True, help=".jsonl output; rerun the command to resume")
+    batch.add_argument("--field", default="text", help="the text field of .jsonl records (default: text)")
+    batch.add_argument("--id-field", default="id", help="the id field of .jsonl records (default: id, else the record index)")
+    batch.add_argument("--task", default="text2text-generation", help="text2text-generation, summarization or translation[_xx_to_yy]")
+    batch.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    _add_model_options(batch)
+    batch.set_defaults(func=cmd_batch)
+    info = sub.add_parser("info", help="family, sizes, parameter count, dtype and files of a model")
+    info.add_argument("model_path", metavar="MODEL", help="checkpoint directory or Hub id")
+    info.add_argument("--revision", default=None)
+    info.add_argument("--local-files-only", action="store_true")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``t5kit`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, OSError, ValueError, TypeError) as e:
+        print(f"t5kit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
