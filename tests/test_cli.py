@@ -45,7 +45,7 @@ def test_console_script_and_options(checkpoint):
     if exe is None:
         pytest.skip("the t5kit console script is not on PATH (package not installed with pip)")
     args = ["run", "--task", "summarization", "--model", str(checkpoint), "--max-length", "12", "--min-length", "0",
-            "--num-beams", "2", "--batch-size", "2"]
+            "--num-beams", "2", "--batch-size", "2", "--device", "-1", "--dtype", "float32"]
     out = subprocess.run([exe, *args], input="One.\nTwo three.\nFour.\n", capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     pipe = t5kit.pipeline("summarization", model=str(checkpoint))

@@ -43,7 +43,7 @@ class CLIError(Exception):
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hub id")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or an index (0 = cuda:0, -1 = cpu); default cpu")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hub (as HF_HUB_OFFLINE=1)")
@@ -65,8 +65,11 @@ def _build_pipeline(args: argparse.Namespace, task: str, default_batch: int) -> 
     hub = {k: v for k, v in (("revision", args.revision), ("local_files_only", args.local_files_only or None)) if v}
     if task == "feature-extraction" and gen:
         raise CLIError(f"feature-extraction takes no generation options (got {', '.join(sorted(gen))})")
+    device = args.device
+    if device is not None and device.lstrip("-").isdigit():
+        device = int(device)  # `--device 0` as in the reference's command line: cuda:0 (-1: cpu)
     return pipeline(
-        task, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        task, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device,
         batch_size=args.batch_size or default_batch, **hub, **gen,
     )
 
