@@ -3,6 +3,8 @@
     t5kit run   --task text2text-generation --model M [options]   # stdin lines -> one result per line
     t5kit batch --model M --input IN.txt|IN.jsonl --output OUT.jsonl [options]   # resumable
     t5kit info  M                                                 # family, sizes, parameters, files
+    t5kit train --model M --train TRAIN.jsonl --output DIR [--resume]   # fine-tuning (torchrun too)
+    t5kit demo                                                    # offline: train a byte-level T5, use it
 
 Models are directories or Hub ids (huggingface_hub's cache, ``--revision``, ``--local-files-only``,
 ``HF_HUB_OFFLINE=1``). Errors are printed as one line on stderr with exit status 2.
@@ -307,6 +309,57 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# t5kit train / demo
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune a model on a JSONL file of input/target texts; resumable."""
+    from .auto import AutoModelForSeq2SeqLM
+    from .tokenization import AutoTokenizer
+    from .training import Trainer, TrainingArguments, latest_checkpoint, read_jsonl_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    fields = dict(input_field=args.input_field, target_field=args.target_field,
+                  max_input_length=args.max_input_length, max_target_length=args.max_target_length)
+    train = read_jsonl_pairs(args.train, tokenizer, **fields)
+    evaluation = read_jsonl_pairs(args.eval, tokenizer, **fields) if args.eval else None
+    targs = TrainingArguments(
+        output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, optimizer=args.optimizer,
+        learning_rate=args.lr or None, lr_schedule=args.schedule, warmup_steps=args.warmup_steps, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+        eval_steps=args.eval_steps if evaluation else None, eval_metric=args.metric, seed=args.seed,
+        distributed=args.distributed,
+    )
+    trainer = Trainer(model, targs, train, evaluation, tokenizer=tokenizer)
+    resume = None
+    if args.resume:
+        resume = latest_checkpoint(args.output)
+        if resume is None:
+            print(f"t5kit train: no checkpoint in {args.output}; starting from the beginning", file=sys.stderr)
+    out = trainer.train(resume_from_checkpoint=resume)
+    full = trainer._full_model_state()  # collective under FSDP: every process takes part
+    metrics = trainer.evaluate() if evaluation else None  # collective too
+    if trainer.rank == 0:
+        from .training import save_model
+
+        save_model(model, args.output, full)
+        tokenizer.save_pretrained(args.output)
+        print(f"trained {out.global_step} steps, mean loss {out.training_loss:.4f}; model saved to {args.output}")
+        if metrics is not None:
+            print(json.dumps(metrics))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(steps=args.steps, output_dir=args.output, seed=args.seed)
+    return 0 if result.accuracy >= 0.9 else 1
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -332,6 +385,39 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--local-files-only", action="store_true")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+    train = sub.add_parser("train", help="fine-tune on a JSONL file of input/target texts (resumable)")
+    train.add_argument("--model", required=True, help="checkpoint directory or Hub id to start from")
+    train.add_argument("--tokenizer", default=None)
+    train.add_argument("--train", required=True, help="JSONL with input and target fields")
+    train.add_argument("--eval", default=None, help="JSONL for evaluation")
+    train.add_argument("--output", required=True, help="directory for checkpoints and the final model")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    train.add_argument("--input-field", default="input")
+    train.add_argument("--target-field", default="target")
+    train.add_argument("--max-input-length", type=int, default=512)
+    train.add_argument("--max-target-length", type=int, default=128)
+    train.add_argument("--max-steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=8, help="examples per process per micro-batch")
+    train.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    train.add_argument("--optimizer", choices=["adafactor", "adamw"], default="adafactor")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adafactor: 0 for its relative step)")
+    train.add_argument("--schedule", choices=["constant", "constant_with_warmup", "linear", "inverse_sqrt"], default="constant")
+    train.add_argument("--warmup-steps", type=int, default=0)
+    train.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--save-steps", type=int, default=500)
+    train.add_argument("--eval-steps", type=int, default=None)
+    train.add_argument("--metric", choices=["bleu", "chrf", "rouge"], default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--distributed", choices=["auto", "none", "ddp", "fsdp"], default="auto", help="under torchrun")
+    train.add_argument("--device", default=None)
+    train.add_argument("--dtype", default=None)
+    train.set_defaults(func=cmd_train)
+    demo = sub.add_parser("demo", help="train a byte-level T5 from scratch offline, then use it (about a minute)")
+    demo.add_argument("--steps", type=int, default=600)
+    demo.add_argument("--output", default=None, help="keep the trained model here (default: a temporary directory)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

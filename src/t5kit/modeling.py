@@ -225,8 +225,9 @@ class T5Attention(nn.Module):
         return x.view(b, t, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, T, D)
 
     def position_bias(self, buckets: torch.Tensor) -> torch.Tensor:
-        """(T, K) bucket ids -> (1, H, T, K) bias."""
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+        """(T, K) or (B, T, K) bucket ids -> (1 or B, H, T, K) bias."""
+        bias = self.relative_attention_bias(buckets).movedim(-1, -3)
+        return bias if bias.dim() == 4 else bias.unsqueeze(0)
 
     def forward(
         self,
@@ -380,6 +381,36 @@ class T5Stack(nn.Module):
             cache.position_bias_tables[layer_idx] = table
         return table[:, :, past : past + t, :k]
 
+    def _packed_biases(
+        self, segment_ids: torch.Tensor, encoder_segment_ids: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Buckets (B, T, T) from positions that restart per segment, the additive (B, 1, T, T)
+        same-segment (and causal) mask, and the (B, 1, T, S) cross-attention mask."""
+        b, t = segment_ids.shape
+        idx = torch.arange(t, device=segment_ids.device)
+        starts = torch.ones_like(segment_ids, dtype=torch.bool)
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+        first = torch.where(starts, idx, 0).cummax(1).values  # (B, T) index where each segment starts
+        pos = idx - first
+        buckets = relative_position_bucket(
+            pos[:, None, :] - pos[:, :, None],
+            bidirectional=not self.is_decoder,
+            num_buckets=self.config.relative_attention_num_buckets,
+            max_distance=self.config.relative_attention_max_distance,
+        )
+        allowed = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if self.is_decoder:
+            allowed = allowed & (idx[None, :] <= idx[:, None])
+        low = torch.finfo(dtype).min
+        zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+        mask = torch.where(allowed, zero, low)[:, None]
+        cross = None
+        if self.is_decoder:
+            if encoder_segment_ids is None:
+                raise ValueError("decoder_segment_ids need encoder_segment_ids")
+            cross = torch.where(segment_ids[:, :, None] == encoder_segment_ids[:, None, :], zero, low)[:, None]
+        return buckets, mask, cross
+
     def _mask_bias(
         self, attention_mask: torch.Tensor | None, t: int, k: int, past: int, dtype: torch.dtype, device: torch.device
     ) -> torch.Tensor | None:
@@ -401,7 +432,12 @@ class T5Stack(nn.Module):
         cache: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        segment_ids: torch.Tensor | None = None,
+        encoder_segment_ids: torch.Tensor | None = None,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
+        """Run the stack. ``segment_ids`` (B, T) describe packed rows (1, 2, ... per example, 0 on
+        padding): attention stays inside an example and relative positions restart with it; a
+        decoder also needs ``encoder_segment_ids`` (B, S) for cross-attention."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
         b, t, _ = x.shape
         past = cache.get_seq_length() if cache is not None else 0
@@ -417,6 +453,10 @@ class T5Stack(nn.Module):
         buckets = None if use_table else self._buckets(t, k, past, device)
         mask_bias = self._mask_bias(attention_mask, t, k, past, dtype, device)
         cross_bias = _padding_bias(encoder_attention_mask, dtype) if self.is_decoder else None
+        if segment_ids is not None:
+            if cache is not None and past:
+                raise ValueError("Packed rows (segment ids) cannot be decoded incrementally with a cache")
+            buckets, mask_bias, cross_bias = self._packed_biases(segment_ids, encoder_segment_ids, dtype)
 
         x = self.dropout(x)
         all_hidden: list[torch.Tensor] = []
@@ -677,8 +717,15 @@ class T5ForConditionalGeneration(GenerationMixin, _EncoderDecoderBase):
 
         ``labels`` (B, T) are shifted right into ``decoder_input_ids`` when those are absent;
         positions labelled -100 are ignored by the loss.
+
+        Packed rows (``t5kit.data.pack_examples``): pass ``encoder_segment_ids`` (B, S) and
+        ``decoder_segment_ids`` (B, T); attention stays within each example, positions restart,
+        and labels are shifted within each example.
         """
+        enc_seg, dec_seg = kwargs.pop("encoder_segment_ids", None), kwargs.pop("decoder_segment_ids", None)
         self._check_kwargs(kwargs)
+        if enc_seg is not None or dec_seg is not None:
+            return self._packed_forward(input_ids, labels, decoder_input_ids, enc_seg, dec_seg, return_dict)
         if labels is not None:
             self._check_ids(labels, "labels", allow_ignore=True)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -696,6 +743,39 @@ class T5ForConditionalGeneration(GenerationMixin, _EncoderDecoderBase):
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
         out = Seq2SeqLMOutput(loss=loss, logits=logits, **self._seq2seq_fields(enc, dec))
         return self._return(out, return_dict)
+
+    def _packed_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        decoder_input_ids: torch.Tensor | None,
+        enc_seg: torch.Tensor | None,
+        dec_seg: torch.Tensor | None,
+        return_dict: bool | None,
+    ) -> Seq2SeqLMOutput | tuple:
+        """Forward over packed rows: several examples per row, kept apart by segment ids."""
+        if input_ids is None or enc_seg is None or dec_seg is None:
+            raise ValueError("Packed batches need input_ids, encoder_segment_ids and decoder_segment_ids")
+        self._check_ids(input_ids, "input_ids")
+        if enc_seg.shape != input_ids.shape:
+            raise ValueError(f"encoder_segment_ids {tuple(enc_seg.shape)} must match input_ids {tuple(input_ids.shape)}")
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("Packed batches need labels or decoder_input_ids")
+            self._check_ids(labels, "labels", allow_ignore=True)
+            decoder_input_ids = self._shift_right(labels)
+            starts = torch.ones_like(dec_seg, dtype=torch.bool)
+            starts[:, 1:] = dec_seg[:, 1:] != dec_seg[:, :-1]
+            decoder_input_ids = decoder_input_ids.masked_fill(starts, self.config.decoder_start_token_id)
+        if dec_seg.shape != decoder_input_ids.shape:
+            raise ValueError(f"decoder_segment_ids {tuple(dec_seg.shape)} must match the decoder inputs {tuple(decoder_input_ids.shape)}")
+        hidden = self.encoder(input_ids=input_ids, segment_ids=enc_seg).last_hidden_state
+        out = self.decoder(input_ids=decoder_input_ids, encoder_hidden_states=hidden, segment_ids=dec_seg, encoder_segment_ids=enc_seg)
+        logits = self.lm_logits(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        return self._return(Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=hidden), return_dict)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder output (..., d_model) -> logits (..., vocab_size), rescaled when the head is tied."""

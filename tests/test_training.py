@@ -1,0 +1,194 @@
+"""The training loop: exact resume, accumulation, bf16, torchrun (DDP, FSDP2), the train command, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import t5kit
+from t5kit.training import Trainer, TrainingArguments, latest_checkpoint
+
+HERE = Path(__file__).resolve().parent
+GLOBAL_BATCH = 8
+STEPS = 4
+
+
+def make_model(dropout: float = 0.1, seed: int = 0) -> t5kit.T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = t5kit.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+                            feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=dropout,
+                            relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    return t5kit.T5ForConditionalGeneration(config)
+
+
+def dataset(n: int = 40) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        a, b = int(torch.randint(3, 12, (1,), generator=g)), int(torch.randint(2, 8, (1,), generator=g))
+        out.append({"input_ids": torch.randint(2, 64, (a,), generator=g).tolist() + [1],
+                    "labels": torch.randint(2, 64, (b,), generator=g).tolist() + [1]})
+    return out
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), max_steps=20, batch_size=4, learning_rate=1e-2, save_steps=5,
+                lr_schedule="linear", warmup_steps=3, progress_bar=False)
+    return TrainingArguments(**{**base, **kw})
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
+def test_resume_continues_exactly(tmp_path, optimizer):
+    """20 steps straight == 10 steps, a crash, a resume from the checkpoint, 10 more (dropout on)."""
+    straight = make_model()
+    Trainer(straight, _args(tmp_path / "a", optimizer=optimizer), dataset()).train()
+
+    class Crashing(Trainer):
+        def training_step(self):
+            if self.global_step == 12:  # after checkpoint-10, partway to the next one
+                raise _Killed
+            return super().training_step()
+
+    first = make_model()
+    with pytest.raises(_Killed):
+        Crashing(first, _args(tmp_path / "b", optimizer=optimizer), dataset()).train()
+    assert latest_checkpoint(str(tmp_path / "b")).endswith("checkpoint-10")
+    resumed = make_model(seed=123)  # different initial weights: all state must come from the checkpoint
+    torch.manual_seed(999)  # and a different global RNG
+    out = Trainer(resumed, _args(tmp_path / "b", optimizer=optimizer), dataset()).train(resume_from_checkpoint=True)
+    assert out.global_step == 20
+    for name, value in _state(straight).items():
+        assert torch.equal(_state(resumed)[name], value), name
+
+
+def test_checkpoints_are_complete_and_rotated(tmp_path):
+    Trainer(make_model(), _args(tmp_path, max_steps=15, save_total_limit=2), dataset()).train()
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["checkpoint-10", "checkpoint-15"]
+    files = set(os.listdir(tmp_path / "checkpoint-15"))
+    assert {"config.json", "model.safetensors", "trainer_state.pt", "generation_config.json"} <= files
+    assert isinstance(t5kit.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "checkpoint-15"), t5kit.T5ForConditionalGeneration)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Loss = token sum / tokens of the whole step, so 2 x 4 accumulated == 8 at once (unequal lengths)."""
+    big, small = make_model(dropout=0.0), make_model(dropout=0.0)
+    a = Trainer(big, _args(tmp_path / "a", batch_size=8, save_steps=None), dataset())
+    b = Trainer(small, _args(tmp_path / "b", batch_size=4, gradient_accumulation_steps=2, save_steps=None), dataset())
+    for _ in range(3):
+        la, lb = a.training_step()[0], b.training_step()[0]
+        assert la == pytest.approx(lb, rel=1e-5)
+    for name, value in _state(big).items():
+        torch.testing.assert_close(_state(small)[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_and_gradient_checkpointing_train(tmp_path):
+    model = make_model(dropout=0.0)
+    trainer = Trainer(model, _args(tmp_path, bf16=True, gradient_checkpointing=True, max_steps=30, save_steps=None), dataset())
+    first = trainer.training_step()[0]
+    out = trainer.train()
+    assert model.dtype == torch.float32 and out.training_loss < first
+    metrics = trainer.evaluate(dataset(8))
+    assert set(metrics) == {"eval_loss"} and metrics["eval_loss"] > 0
+
+
+def test_text_metrics(tmp_path):
+    from t5kit.training import text_metric
+
+    sacrebleu = pytest.importorskip("sacrebleu")
+    hyps, refs = ["the cat sat on the mat", "hello there"], ["the cat sat on the mat", "hello world"]
+    assert text_metric("bleu", hyps, refs)["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert text_metric("chrf", hyps, refs)["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+
+
+def test_training_argument_errors(tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainingArguments(output_dir=str(tmp_path), optimizer="sgd")
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainingArguments(output_dir=str(tmp_path), max_steps=0)
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(make_model(), _args(tmp_path), [])
+    with pytest.raises(FileNotFoundError):
+        Trainer(make_model(), _args(tmp_path / "none"), dataset()).train(resume_from_checkpoint=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# More than one process.
+
+
+@pytest.mark.parametrize("mode, optimizer", [("ddp", "adafactor"), ("fsdp", "adamw"), ("fsdp", "adafactor")])
+def test_torchrun_two_processes_equal_one(tmp_path, mode, optimizer):
+    out = tmp_path / "result.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "helpers" / "dist_train.py"), mode, optimizer, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = torch.load(out, weights_only=True)
+    model = make_model(dropout=0.0)
+    args = TrainingArguments(output_dir=str(tmp_path / "one"), max_steps=STEPS, batch_size=GLOBAL_BATCH, optimizer=optimizer,
+                             learning_rate=1e-2, save_steps=None, progress_bar=False)
+    trainer = Trainer(model, args, dataset())
+    losses = [trainer.training_step()[0] for _ in range(STEPS)]
+    assert losses == pytest.approx(result["losses"], rel=1e-5)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(result["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def test_train_command_trains_resumes_and_saves(tmp_path):
+    from conftest import SHARED
+
+    vocab = SHARED / "data" / "t5-vocab"
+    if not vocab.exists():
+        pytest.skip("the shared T5 vocabulary is not available")
+    torch.manual_seed(0)
+    config = t5kit.T5Config(vocab_size=32128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, dropout_rate=0.0)
+    t5kit.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "start")
+    t5kit.AutoTokenizer.from_pretrained(vocab).save_pretrained(tmp_path / "start")
+    rows = [{"input": f"translate English to German: house number {i}", "target": f"Haus Nummer {i}"} for i in range(12)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = [sys.executable, "-m", "t5kit", "train", "--model", str(tmp_path / "start"), "--train", str(tmp_path / "train.jsonl"),
+            "--eval", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out"), "--batch-size", "4", "--save-steps", "3",
+            "--lr", "0.01"]
+    first = subprocess.run(base + ["--max-steps", "3"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(base + ["--max-steps", "6", "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "trained 6 steps" in again.stdout and "eval_loss" in again.stdout
+    assert sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]
+    model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out")
+    assert isinstance(model, t5kit.T5ForConditionalGeneration)
+    bad = subprocess.run([*base[:7], str(tmp_path / "missing.jsonl"), *base[8:]], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+
+
+def test_demo_meets_its_accuracy_and_time_bounds():
+    """The README's main job: train a byte-level T5 offline, save, reload, >= 90% exact match in <= 3 minutes."""
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "t5kit", "demo"], capture_output=True, text=True, timeout=400)
+    elapsed = time.perf_counter() - start
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    line = next(l for l in run.stdout.splitlines() if l.startswith("exact match"))
+    accuracy = float(line.split("=")[1].split("%")[0]) / 100
+    assert accuracy >= 0.9, line
+    assert elapsed <= 180, f"the demo took {elapsed:.0f} s"
+    assert "google-t5/t5-small" in run.stdout  # then shows how to run a Hub model
