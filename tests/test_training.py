@@ -168,16 +168,23 @@ def test_train_command_trains_resumes_and_saves(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = [sys.executable, "-m", "t5kit", "train", "--model", str(tmp_path / "start"), "--train", str(tmp_path / "train.jsonl"),
             "--eval", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out"), "--batch-size", "4", "--save-steps", "3",
-            "--lr", "0.01"]
+            "--lr", "0.01", "--metric", "chrf"]
     first = subprocess.run(base + ["--max-steps", "3"], capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     again = subprocess.run(base + ["--max-steps", "6", "--resume"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    assert "trained 6 steps" in again.stdout and "eval_loss" in again.stdout
+    assert "trained 6 steps" in again.stdout and "eval_loss" in again.stdout and "chrf" in again.stdout
     assert sorted(p for p in os.listdir(tmp_path / "out") if p.startswith("checkpoint")) == ["checkpoint-3", "checkpoint-6"]
     model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out")
     assert isinstance(model, t5kit.T5ForConditionalGeneration)
-    bad = subprocess.run([*base[:7], str(tmp_path / "missing.jsonl"), *base[8:]], capture_output=True, text=True, timeout=300)
+    # The same 6 steps in one go give the same weights as 3 + resume + 3.
+    straight_args = [a if a != str(tmp_path / "out") else str(tmp_path / "straight") for a in base] + ["--max-steps", "6"]
+    straight = subprocess.run(straight_args, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    other = t5kit.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "straight")
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    bad = subprocess.run([*base[:7], str(tmp_path / "missing.jsonl"), *base[8:-2]], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
 
 

@@ -1,0 +1,78 @@
+"""Training steps/s of t5kit against transformers: same random model, same batch, same run.
+
+    python benchmarks/bench_train.py [--shape t5-small] [--batch 8] [--src 128] [--tgt 64] [--steps 5]
+
+One step = forward with labels, backward, torch.optim.AdamW step, fp32. Prints the median step time
+of each and the ratio (t5kit steps/s / transformers steps/s; > 1 means t5kit is faster), and checks
+that the first losses agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench_generate import SHAPES
+
+
+def _steps(model, batch, n: int) -> tuple[float, float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    first = None
+    times = []
+    for i in range(n + 1):  # the first step warms up
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - start)
+        else:
+            first = float(loss)
+    return statistics.median(times), first  # type: ignore[return-value]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-small")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--src", type=int, default=128)
+    parser.add_argument("--tgt", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    import transformers
+
+    import t5kit
+
+    transformers.logging.set_verbosity_error()
+    shape = dict(SHAPES[args.shape])
+    family = shape.pop("family")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
+    ref = getattr(transformers, f"{family}ForConditionalGeneration")(config)
+    with tempfile.TemporaryDirectory() as d:
+        ref.save_pretrained(d)
+        ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(2, 32000, (args.batch, args.src), generator=g),
+        "attention_mask": torch.ones(args.batch, args.src, dtype=torch.long),
+        "labels": torch.randint(2, 32000, (args.batch, args.tgt), generator=g),
+    }
+    t_ours, loss_ours = _steps(ours, batch, args.steps)
+    t_ref, loss_ref = _steps(ref, batch, args.steps)
+    print(f"{args.shape} (random weights), fp32 forward+backward+AdamW, batch {args.batch}, {args.src}->{args.tgt} tokens, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    print(f"t5kit        {1 / t_ours:6.3f} steps/s   first loss {loss_ours:.6f}")
+    print(f"transformers {1 / t_ref:6.3f} steps/s   first loss {loss_ref:.6f}")
+    print(f"ratio {t_ref / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
