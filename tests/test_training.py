@@ -131,11 +131,15 @@ def test_training_argument_errors(tmp_path):
 # More than one process.
 
 
-@pytest.mark.parametrize("mode, optimizer", [("ddp", "adafactor"), ("fsdp", "adamw"), ("fsdp", "adafactor")])
-def test_torchrun_two_processes_equal_one(tmp_path, mode, optimizer):
+@pytest.mark.parametrize(
+    "mode, optimizer, resume",
+    [("ddp", "adafactor", ""), ("fsdp", "adamw", ""), ("fsdp", "adafactor", ""), ("ddp", "adamw", "resume"), ("fsdp", "adamw", "resume")],
+)
+def test_torchrun_two_processes_equal_one(tmp_path, mode, optimizer, resume):
+    """2 processes on half batches == 1 process on the whole batch (and so does a checkpoint + resume midway)."""
     out = tmp_path / "result.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "helpers" / "dist_train.py"), mode, optimizer, str(out)]
+           str(HERE / "helpers" / "dist_train.py"), mode, optimizer, str(out), resume]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -390,11 +390,15 @@ class Trainer:
         if state.get("world_size", 1) != self.world:
             raise ValueError(f"The checkpoint was written by {state['world_size']} processes; resume with as many ({self.world} now)")
         weights, _ = load_checkpoint_state(_weight_files(path, {}), dtype=self.model.dtype, device=None)
+        missing = set(_with_tied(self.model, weights)) ^ set(self.model.state_dict())
+        if missing:
+            raise OSError(f"{path} does not hold this model's weights (mismatched keys: {', '.join(sorted(missing)[:5])})")
         if self.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
             options = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, _with_tied(self.model, weights), options=options)
+            # Tied aliases (embed_tokens, a tied lm_head) are one parameter: give it once, under shared.weight.
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
         else:
             self.model.load_state_dict(_with_tied(self.model, weights), strict=True)
