@@ -124,6 +124,32 @@ def relative_position_bucket(
     return buckets + torch.where(is_small, distance, large)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` with a faster CPU path for the few rows of a decoding step.
+
+    PyTorch's CPU kernels for ``x @ W.T`` with a handful of rows are slow: for t5-small's
+    512 -> 32128 output projection, 1 row takes 4.6 ms and 4 rows 9.8 ms, against 2.0 ms and
+    1.6 ms for the same product computed as ``(W @ x.T).T`` (the weight is streamed once by a
+    matrix-matrix kernel; a single row is duplicated, as the matrix-vector kernel streams memory
+    at half the speed). So on the CPU, 1-64 rows take that route: a t5-small decoder step at
+    batch 1 drops from 7.4 to 6.0 ms. Same values to float32 rounding; parameters, names and
+    layout are untouched.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if x.dim() > 1 else 1
+        if x.device.type != "cpu" or rows > 64 or x.dim() < 2:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, self.in_features)
+        if rows == 1:
+            out = (self.weight @ torch.cat([flat, flat]).t())[:, :1].t()  # (1, out)
+        else:
+            out = (self.weight @ flat.t()).t().contiguous()  # (rows, out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
 class T5LayerNorm(nn.Module):
     """RMS norm without bias or mean subtraction; statistics in float32."""
 
@@ -145,8 +171,8 @@ class T5DenseActDense(nn.Module):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
-        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.wi = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.act = ACT_FNS[config.dense_act_fn]
 
@@ -159,9 +185,9 @@ class T5DenseGatedActDense(nn.Module):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
-        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.act = ACT_FNS[config.dense_act_fn]
 
@@ -212,10 +238,10 @@ class T5Attention(nn.Module):
         self.d_kv = config.d_kv
         self.dropout = config.dropout_rate
         inner = config.num_heads * config.d_kv
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner, bias=False)
+        self.k = Linear(config.d_model, inner, bias=False)
+        self.v = Linear(config.d_model, inner, bias=False)
+        self.o = Linear(inner, config.d_model, bias=False)
         self.has_relative_attention_bias = has_relative_attention_bias
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
@@ -502,9 +528,9 @@ class T5ClassificationHead(nn.Module):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.dense = Linear(config.d_model, config.d_model)
         self.dropout = nn.Dropout(p=config.classifier_dropout)
-        self.out_proj = nn.Linear(config.d_model, config.num_labels)
+        self.out_proj = Linear(config.d_model, config.num_labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.dropout(torch.tanh(self.dense(self.dropout(x)))))
@@ -668,7 +694,7 @@ class T5ForConditionalGeneration(GenerationMixin, _EncoderDecoderBase):
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
         self.model_dim = config.d_model
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         self.generation_config = GenerationConfig.from_model_config(config)
         self.post_init()
 
@@ -920,7 +946,7 @@ class T5ForTokenClassification(PreTrainedModel):
         self.num_labels = config.num_labels
         self.transformer = T5EncoderModel(config)
         self.dropout = nn.Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.d_model, config.num_labels)
+        self.classifier = Linear(config.d_model, config.num_labels)
         self.post_init()
 
     def forward(
@@ -959,7 +985,7 @@ class T5ForQuestionAnswering(_EncoderDecoderBase):
             raise ValueError(f"{type(self).__name__} needs num_labels=2 (start and end), got {config.num_labels}")
         self.model_dim = config.d_model
         self.num_labels = config.num_labels
-        self.qa_outputs = nn.Linear(config.d_model, config.num_labels)
+        self.qa_outputs = Linear(config.d_model, config.num_labels)
         self.post_init()
 
     def forward(

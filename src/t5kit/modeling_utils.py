@@ -107,7 +107,7 @@ class PreTrainedModel(nn.Module):
         self.set_input_embeddings(new)
         head = self.get_output_embeddings()
         if head is not None and not self.config.tie_word_embeddings:
-            new_head = nn.Linear(head.in_features, new_num_tokens, bias=False, device=head.weight.device, dtype=head.weight.dtype)
+            new_head = type(head)(head.in_features, new_num_tokens, bias=False, device=head.weight.device, dtype=head.weight.dtype)
             with torch.no_grad():
                 _init_parameter("lm_head.weight", new_head.weight, self.config)
                 new_head.weight[:keep] = head.weight[:keep]
