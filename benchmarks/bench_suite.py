@@ -1,0 +1,239 @@
+"""The CPU benchmark table: t5kit against transformers (and CTranslate2 when installed), one command.
+
+    pip install -e ".[bench]"
+    python benchmarks/bench_suite.py [--shape t5-small] [--rounds 3] [--systems ...]
+
+Every system runs in its own subprocess on the same random checkpoint (written once by
+transformers), measuring tokens/s (higher is better):
+
+  enc b1x128 / enc b16x128   encoder forward over 128-token inputs
+  greedy b1 / greedy b16     64 new tokens per sequence, eos disabled, 64-token inputs
+  beam4 b1 / beam4 b8        the same with 4 beams
+  train                      steps/s, fp32 forward + backward + AdamW, batch 8, 128 -> 64 tokens
+  peak RSS                   the process's peak resident memory after the greedy b16 case
+
+Medians of --rounds. Ratios are against transformers fp32 measured in the same run. For the fast
+modes, quality against t5kit fp32 is printed too: the largest logit error relative to the largest
+logit, and the share of greedy b16 tokens equal to fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_generate import SHAPES  # noqa: E402
+
+VOCAB = HERE.parents[1] / "shared" / "data" / "t5-vocab"
+COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8", "train", "peak RSS MB"]
+SYSTEMS = ["transformers", "transformers-bf16", "t5kit", "t5kit-bf16", "ctranslate2", "ctranslate2-int8"]
+NEW_TOKENS = 64
+
+
+def _median(fn, rounds: int) -> tuple[float, object]:
+    out = fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def _inputs(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 32000, (batch, length), generator=g)
+    ids[:, -1] = 1
+    return ids, torch.ones_like(ids)
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: one system per process.
+
+
+def worker(system: str, model_dir: str, rounds: int, out_file: str) -> None:
+    result: dict[str, object] = {}
+    if system.startswith("ctranslate2"):
+        result = _ctranslate2(system, model_dir, rounds)
+    else:
+        result = _torch_system(system, model_dir, rounds)
+    result.setdefault("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    Path(out_file).write_text(json.dumps(result))
+
+
+def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]:
+    bf16 = system.endswith("-bf16")
+    if system.startswith("transformers"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        cls = getattr(transformers, json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0])
+        model = cls.from_pretrained(model_dir).eval()
+        model.generation_config.eos_token_id = None
+        gen_kw: dict[str, object] = {}
+    else:
+        import t5kit
+
+        model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+        gen_kw = {"eos_token_id": None}
+    if bf16:
+        model = model.to(torch.bfloat16)
+    out: dict[str, object] = {}
+    with torch.inference_mode():
+        encoder = model.get_encoder()
+        for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
+            ids, mask = _inputs(batch, 128, batch)
+            t, _ = _median(lambda: encoder(input_ids=ids, attention_mask=mask), rounds)
+            out[name] = batch * 128 / t
+        tokens = {}
+        for name, batch, beams in (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4)):
+            ids, mask = _inputs(batch, 64, batch)
+            t, seqs = _median(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                                     num_beams=beams, **gen_kw), rounds)
+            assert seqs.shape == (batch, NEW_TOKENS + 1), seqs.shape
+            out[name] = batch * NEW_TOKENS / t
+            tokens[name] = seqs.tolist()
+        out["tokens"] = tokens
+        # Logits on a fixed teacher-forced batch, for the quality report.
+        ids, mask = _inputs(4, 64, 99)
+        dec = torch.tensor(tokens["greedy b16"][:4])
+        out["logits"] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float().tolist()
+    if not bf16:
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out["peak RSS MB"] = peak_before
+        g = torch.Generator().manual_seed(0)
+        batch = {"input_ids": torch.randint(2, 32000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long),
+                 "labels": torch.randint(2, 32000, (8, 64), generator=g)}
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step() -> None:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t, _ = _median(step, rounds)
+        out["train"] = 1 / t
+    return out
+
+
+def _ctranslate2(system: str, model_dir: str, rounds: int) -> dict[str, object]:
+    import ctranslate2
+    import transformers
+
+    quant = "int8" if system.endswith("int8") else "float32"
+    ct2_dir = tempfile.mkdtemp(prefix="ct2-")
+    ctranslate2.converters.TransformersConverter(model_dir).convert(ct2_dir, quantization=quant, force=True)
+    translator = ctranslate2.Translator(ct2_dir, device="cpu", intra_threads=torch.get_num_threads())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    out: dict[str, object] = {}
+    tokens = {}
+    for name, batch, beams in (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4)):
+        ids, _ = _inputs(batch, 64, batch)
+        source = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+        run = lambda: translator.translate_batch(source, beam_size=beams, max_decoding_length=NEW_TOKENS,  # noqa: E731
+                                                 min_decoding_length=NEW_TOKENS, return_scores=False)
+        t, res = _median(run, rounds)
+        out[name] = batch * NEW_TOKENS / t
+        tokens[name] = [[0] + tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
+    out["tokens"] = tokens
+    shutil.rmtree(ct2_dir, ignore_errors=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-small")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.model_dir, args.rounds, args.out)
+        return
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    shape = dict(SHAPES[args.shape])
+    family = shape.pop("family")
+    work = tempfile.mkdtemp(prefix="t5kit-bench-")
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
+    getattr(transformers, f"{family}ForConditionalGeneration")(config).save_pretrained(work)
+    for name in ("spiece.model", "tokenizer.json"):
+        if VOCAB.joinpath(name).exists():
+            shutil.copy(VOCAB / name, Path(work) / name)
+    print(f"{args.shape} shape, random weights; {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}; tokens/s (train: steps/s), median of {args.rounds}")
+    results: dict[str, dict] = {}
+    for system in args.systems.split(","):
+        if system.startswith("ctranslate2"):
+            try:
+                import ctranslate2  # noqa: F401
+            except ImportError:
+                print(f"  {system}: skipped (pip install ctranslate2)")
+                continue
+            if family != "T5":
+                print(f"  {system}: skipped (the comparison uses the T5 vocabulary)")
+                continue
+        out = Path(work) / f"{system}.json"
+        cmd = [sys.executable, __file__, "--worker", system, "--model-dir", work, "--rounds", str(args.rounds), "--out", str(out)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            print(f"  {system}: failed\n{run.stderr[-2000:]}")
+            continue
+        results[system] = json.loads(out.read_text())
+    shutil.rmtree(work, ignore_errors=True)
+
+    base = results.get("transformers", {})
+    print(f"\n{'system':18s}" + "".join(f"{c:>13s}" for c in COLUMNS))
+    for system, res in results.items():
+        cells = [f"{res[c]:13.1f}" if isinstance(res.get(c), (int, float)) else f"{'-':>13s}" for c in COLUMNS]
+        print(f"{system:18s}" + "".join(cells))
+    print("\nratio to transformers fp32 (> 1 is faster; peak RSS: < 1 is smaller)")
+    for system, res in results.items():
+        cells = []
+        for c in COLUMNS:
+            a, b = res.get(c), base.get(c)
+            cells.append(f"{a / b:12.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else f"{'-':>13s}")
+        print(f"{system:18s}" + "".join(cells))
+    ref = results.get("t5kit")
+    if ref:
+        print("\nquality against t5kit fp32: tokens equal (greedy b16), max |logit error| / max |logit|")
+        for system, res in results.items():
+            same = _share_equal(res.get("tokens", {}).get("greedy b16"), ref["tokens"]["greedy b16"])
+            err = "-"
+            if "logits" in res:
+                a, b = torch.tensor(res["logits"]), torch.tensor(ref["logits"])
+                err = f"{float((a - b).abs().max() / b.abs().max()):.2e}"
+            print(f"  {system:18s} tokens equal {same}   logit error {err}")
+
+
+def _share_equal(a, b) -> str:
+    if a is None:
+        return "-"
+    total = sum(len(x) for x in b)
+    same = sum(int(p == q) for x, y in zip(a, b) for p, q in zip(x, y))
+    return f"{same / total:.1%}"
+
+
+if __name__ == "__main__":
+    main()
