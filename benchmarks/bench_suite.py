@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,22 +34,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_generate import SHAPES  # noqa: E402
+from bench_generate import SHAPES, _median_time as _median  # noqa: E402
 
 VOCAB = HERE.parents[1] / "shared" / "data" / "t5-vocab"
 COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8", "train", "peak RSS MB"]
 SYSTEMS = ["transformers", "transformers-bf16", "t5kit", "t5kit-bf16", "ctranslate2", "ctranslate2-int8"]
 NEW_TOKENS = 64
-
-
-def _median(fn, rounds: int) -> tuple[float, object]:
-    out = fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def _inputs(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
