@@ -268,3 +268,21 @@ def test_half_precision_forward_is_close_to_float32(dtype) -> None:
         half = model.to(dtype)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     assert half.dtype == dtype and torch.isfinite(half).all()
     assert_rel_close(half.float(), ref, rel=5e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_cpu_linear_equals_f_linear(rows, bias):
+    """The few-row CPU route ((W @ x.T).T) gives F.linear's values, shapes and gradients."""
+    from t5kit.modeling import Linear
+
+    torch.manual_seed(rows)
+    layer = Linear(48, 300, bias=bias)
+    x = torch.randn(rows, 1, 48, requires_grad=True)
+    out = layer(x)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.shape == expected.shape == (rows, 1, 300)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    (g_ref,) = torch.autograd.grad(expected.square().sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
