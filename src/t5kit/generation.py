@@ -473,6 +473,11 @@ class DecodingState:
     def tokens(self) -> torch.Tensor:
         return self.sequences[:, : self.length]
 
+    @property
+    def last_tokens(self) -> torch.Tensor:
+        """(N, 1): the tokens chosen at the last step, the decoder's next input."""
+        return self.sequences[:, self.length - 1 : self.length]
+
     def process(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         for proc in self.processors:
             scores = proc(ids, scores)
@@ -523,9 +528,6 @@ class GreedyOrSample:
         if state.length >= state.max_length:
             return True
         return (state.eos is not None or stop is not None) and not bool(self.unfinished.any())
-
-    def next_input(self, state: DecodingState) -> torch.Tensor:
-        return state.sequences[:, state.length - 1 : state.length]  # (N, 1)
 
     def finish(self, state: DecodingState) -> dict[str, Any]:
         return {"sequences": state.tokens.clone()}
@@ -635,9 +637,6 @@ class BeamSearch:
         if user is not None:
             hits = hits | user.view(b, k)
         return hits
-
-    def next_input(self, state: DecodingState) -> torch.Tensor:
-        return state.sequences[:, state.length - 1 : state.length]
 
     def finish(self, state: DecodingState) -> dict[str, Any]:
         r = self.num_return
@@ -812,12 +811,14 @@ class GenerationMixin:
         # 4. One loop: feed the new tokens, let the strategy choose, until it says done.
         if streamer is not None:
             streamer.put(state.tokens.cpu())
-        feed = state.tokens
+        feed = state.tokens  # the whole decoder prompt first, then one token per step
         while True:
-            logits = self.decode_step(feed, hidden, attention_mask, state.cache)  # type: ignore[attr-defined]
+            logits = self.decode_step(  # type: ignore[attr-defined]
+                feed, state.encoder_hidden_states, state.encoder_attention_mask, state.cache
+            )
             if strategy.step(state, logits.float()):
                 break
-            feed = strategy.next_input(state)
+            feed = state.last_tokens
         if streamer is not None:
             streamer.end()
 

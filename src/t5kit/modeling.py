@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import EncoderDecoderCache
 from .config import MT5Config, T5Config, UMT5Config
 from .generation import GenerationConfig, GenerationMixin
-from .modeling_utils import PreTrainedModel
+from .modeling_utils import PreTrainedModel, segment_starts
 from .outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
@@ -414,9 +414,7 @@ class T5Stack(nn.Module):
         same-segment (and causal) mask, and the (B, 1, T, S) cross-attention mask."""
         b, t = segment_ids.shape
         idx = torch.arange(t, device=segment_ids.device)
-        starts = torch.ones_like(segment_ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        first = torch.where(starts, idx, 0).cummax(1).values  # (B, T) index where each segment starts
+        first = torch.where(segment_starts(segment_ids), idx, 0).cummax(1).values  # (B, T) index where each segment starts
         pos = idx - first
         buckets = relative_position_bucket(
             pos[:, None, :] - pos[:, :, None],
@@ -762,11 +760,7 @@ class T5ForConditionalGeneration(GenerationMixin, _EncoderDecoderBase):
             output_hidden_states,
         )
         logits = self.lm_logits(dec.last_hidden_state)
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])}")
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        loss = self._lm_loss(logits, labels)
         out = Seq2SeqLMOutput(loss=loss, logits=logits, **self._seq2seq_fields(enc, dec))
         return self._return(out, return_dict)
 
@@ -789,19 +783,23 @@ class T5ForConditionalGeneration(GenerationMixin, _EncoderDecoderBase):
             if labels is None:
                 raise ValueError("Packed batches need labels or decoder_input_ids")
             self._check_ids(labels, "labels", allow_ignore=True)
-            decoder_input_ids = self._shift_right(labels)
-            starts = torch.ones_like(dec_seg, dtype=torch.bool)
-            starts[:, 1:] = dec_seg[:, 1:] != dec_seg[:, :-1]
-            decoder_input_ids = decoder_input_ids.masked_fill(starts, self.config.decoder_start_token_id)
+            decoder_input_ids = self._shift_right(labels, dec_seg)
         if dec_seg.shape != decoder_input_ids.shape:
             raise ValueError(f"decoder_segment_ids {tuple(dec_seg.shape)} must match the decoder inputs {tuple(decoder_input_ids.shape)}")
         hidden = self.encoder(input_ids=input_ids, segment_ids=enc_seg).last_hidden_state
         out = self.decoder(input_ids=decoder_input_ids, encoder_hidden_states=hidden, segment_ids=dec_seg, encoder_segment_ids=enc_seg)
         logits = self.lm_logits(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        loss = self._lm_loss(logits, labels)
         return self._return(Seq2SeqLMOutput(loss=loss, logits=logits, encoder_last_hidden_state=hidden), return_dict)
+
+    @staticmethod
+    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Mean cross-entropy (float32) over the labels that are not -100; None without labels."""
+        if labels is None:
+            return None
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])}")
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder output (..., d_model) -> logits (..., vocab_size), rescaled when the head is tied."""

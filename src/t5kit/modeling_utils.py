@@ -149,8 +149,12 @@ class PreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
-    def _shift_right(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Prepend ``decoder_start_token_id`` and drop the last token; -100 becomes the pad id."""
+    def _shift_right(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Prepend ``decoder_start_token_id`` and drop the last token; -100 becomes the pad id.
+
+        With ``segment_ids`` (packed rows, see ``t5kit.data.pack_examples``) every example of a
+        row starts with ``decoder_start_token_id``.
+        """
         start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
         if start is None:
             raise ValueError("config.decoder_start_token_id must be set (T5 uses the pad id, 0)")
@@ -159,6 +163,8 @@ class PreTrainedModel(nn.Module):
         shifted = input_ids.new_zeros(input_ids.shape)
         shifted[..., 1:] = input_ids[..., :-1]
         shifted[..., 0] = start
+        if segment_ids is not None:
+            shifted.masked_fill_(segment_starts(segment_ids), start)
         return shifted.masked_fill_(shifted == -100, pad)
 
     # ------------------------------------------------------------------------------------------
@@ -429,6 +435,13 @@ class PreTrainedModel(nn.Module):
             seen.add(id(param))
             state[name] = param.detach().to("cpu").contiguous()
         return state
+
+
+def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: True where a packed example begins (its segment id differs from the previous)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return starts
 
 
 # ----------------------------------------------------------------------------------------------
