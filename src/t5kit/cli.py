@@ -342,9 +342,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     full = trainer._full_model_state()  # collective under FSDP: every process takes part
     metrics = trainer.evaluate() if evaluation else None  # collective too
     if trainer.rank == 0:
-        from .training import save_model
-
-        save_model(model, args.output, full)
+        model.save_pretrained(args.output, state_dict=full)
         tokenizer.save_pretrained(args.output)
         print(f"trained {out.global_step} steps, mean loss {out.training_loss:.4f}; model saved to {args.output}")
         if metrics is not None:

@@ -375,19 +375,22 @@ class PreTrainedModel(nn.Module):
         save_directory: str | os.PathLike,
         max_shard_size: int | str = "5GB",
         safe_serialization: bool = True,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         """Write ``config.json``, ``generation_config.json`` (models that generate) and the weights
         (safetensors, sharded past ``max_shard_size``).
 
         Every file is written atomically; tied weights are stored once (``shared.weight``), as the
-        reference writes them, so transformers and t5kit both load the directory.
+        reference writes them, so transformers and t5kit both load the directory. ``state_dict``
+        supplies the tensors instead of the parameters (e.g. the full state gathered from an
+        FSDP-sharded model); its keys are this model's parameter names.
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise OSError(f"save_pretrained needs a directory, but {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)
-        state = self._checkpoint_state_dict()
+        state = self._checkpoint_state_dict(state_dict)
         limit = _parse_size(max_shard_size)
         shards = _split_shards(state, limit)
         prefix, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
@@ -425,16 +428,21 @@ class PreTrainedModel(nn.Module):
         if generation_config is not None:
             generation_config.save_pretrained(save_directory)
 
-    def _checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict in the reference's layout: each tensor once, contiguous, on the CPU."""
-        state: dict[str, torch.Tensor] = {}
+    def checkpoint_names(self) -> list[str]:
+        """The parameter names a checkpoint stores: each tensor once, tied ones under ``shared.weight``."""
+        names: list[str] = []
         seen: set[int] = set()
         for name, param in self.named_parameters(remove_duplicate=False):
             if name.endswith(_EMBED_ALIASES) or id(param) in seen:
                 continue  # tied: stored once under shared.weight
             seen.add(id(param))
-            state[name] = param.detach().to("cpu").contiguous()
-        return state
+            names.append(name)
+        return names
+
+    def _checkpoint_state_dict(self, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The state dict in the reference's layout: each tensor once, contiguous, on the CPU."""
+        source = state_dict if state_dict is not None else dict(self.named_parameters(remove_duplicate=False))
+        return {name: source[name].detach().to("cpu").contiguous() for name in self.checkpoint_names()}
 
 
 def segment_starts(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -342,7 +342,7 @@ class Trainer:
         if self.rank == 0:
             tmp = final + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_model(self.model, tmp, full)
+            self.model.save_pretrained(tmp, state_dict=full)
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(tmp)
             state = {
@@ -390,57 +390,24 @@ class Trainer:
         if state.get("world_size", 1) != self.world:
             raise ValueError(f"The checkpoint was written by {state['world_size']} processes; resume with as many ({self.world} now)")
         weights, _ = load_checkpoint_state(_weight_files(path, {}), dtype=self.model.dtype, device=None)
-        missing = set(_with_tied(self.model, weights)) ^ set(self.model.state_dict())
-        if missing:
-            raise OSError(f"{path} does not hold this model's weights (mismatched keys: {', '.join(sorted(missing)[:5])})")
+        # Every stored name, and nothing else; tied aliases (embed_tokens, a tied lm_head) are the
+        # same parameter as shared.weight, hence the non-strict loads below.
+        mismatched = set(weights) ^ set(self.model.checkpoint_names())
+        if mismatched:
+            raise OSError(f"{path} does not hold this model's weights (mismatched keys: {', '.join(sorted(mismatched)[:5])})")
         if self.mode == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-            options = StateDictOptions(full_state_dict=True)
-            # Tied aliases (embed_tokens, a tied lm_head) are one parameter: give it once, under shared.weight.
             set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            self.model.load_state_dict(_with_tied(self.model, weights), strict=True)
+            self.model.load_state_dict(weights, strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.global_step, self.epoch, self.position = state["global_step"], state["epoch"], state["position"]
-
-
-def _with_tied(model: Any, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A full state dict for ``load_state_dict``: the aliases of ``shared.weight`` filled in."""
-    out = dict(weights)
-    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        out.setdefault(name, weights["shared.weight"])
-    if "lm_head.weight" not in out and model.lm_head.weight is model.shared.weight:
-        out["lm_head.weight"] = weights["shared.weight"]
-    return out
-
-
-def save_model(model: Any, directory: str, full_state: dict[str, torch.Tensor] | None = None) -> None:
-    """``model.save_pretrained``; under FSDP from the gathered full state dict."""
-    if full_state is None:
-        model.save_pretrained(directory)
-        return
-    from safetensors.torch import save_file
-
-    from ._files import atomic_path
-
-    os.makedirs(directory, exist_ok=True)
-    tied = model.lm_head.weight is model.shared.weight
-    skip = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"} | ({"lm_head.weight"} if tied else set())
-    tensors = {k: v.contiguous() for k, v in full_state.items() if k not in skip}
-    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    config = model.config.copy()
-    config.architectures = [type(model).__name__]  # type: ignore[attr-defined]
-    if "architectures" not in config._extra_keys:
-        config._extra_keys.append("architectures")
-    config.save_pretrained(directory)
-    model.generation_config.save_pretrained(directory)
 
 
 def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
