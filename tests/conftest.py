@@ -6,8 +6,6 @@ it is absent.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "resolve_file"]
+__all__ = ["atomic_path", "atomic_write_text", "resolve_file", "iter_jsonl"]
 
 
 @contextlib.contextmanager
@@ -129,3 +130,21 @@ def _cached_repo_present(repo_id: str, kwargs: dict[str, Any]) -> bool:
         repo_id, "config.json", cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
     )
     return isinstance(found, str)
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-empty line of a JSON Lines file.
+
+    Raises ``ValueError`` naming the line when it is not valid JSON or not a JSON object.
+    """
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {n} is not valid JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {n} is not a JSON object")
+            yield n, record

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any, Sequence
 
+from ._files import iter_jsonl
+
 __all__ = ["main"]
 
 _GENERATION_OPTIONS: tuple[tuple[str, type, str], ...] = (
@@ -80,7 +82,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.splitlines())
 
 
-def _format(pipe: Any, result: Any) -> str:
+def _format(result: Any) -> str:
     """One output line: the text of a generation, or a JSON array for an embedding."""
     if isinstance(result, dict):
         return _one_line(next(v for k, v in result.items() if k.endswith("_text")))
@@ -101,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def flush() -> None:
         results = pipe(pending, **extra)
         for r in results:
-            print(_format(pipe, r[0] if isinstance(r, list) and r and isinstance(r[0], dict) else r), flush=True)
+            print(_format(r[0] if isinstance(r, list) and r and isinstance(r[0], dict) else r), flush=True)
         pending.clear()
 
     for line in sys.stdin:
@@ -125,22 +127,14 @@ def _read_records(path: str, field: str, id_field: str) -> list[tuple[Any, str]]
     if not os.path.isfile(path):
         raise CLIError(f"input file {path} does not exist")
     records: list[tuple[Any, str]] = []
-    jsonl = path.endswith((".jsonl", ".json"))
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            line = line.rstrip("\n")
-            if not jsonl:
-                records.append((n, line))
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CLIError(f"{path} line {n + 1} is not valid JSON ({e})") from e
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise CLIError(f"{path} line {n + 1} has no string field {field!r} (choose it with --field)")
+    if path.endswith((".jsonl", ".json")):
+        for n, record in iter_jsonl(path):
+            if not isinstance(record.get(field), str):
+                raise CLIError(f"{path} line {n} has no string field {field!r} (choose it with --field)")
             records.append((record.get(id_field, len(records)), record[field]))
+    else:
+        with open(path, encoding="utf-8") as f:
+            records = [(n, line.rstrip("\n")) for n, line in enumerate(f)]
     if not records:
         raise CLIError(f"{path} holds no records")
     return records
@@ -172,8 +166,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """Generate for every record of a file into a JSONL file, in order, resumably."""
     from tqdm.auto import tqdm
 
-    from .pipelines import by_length_batches
-
     records = _read_records(args.input, args.field, args.id_field)
     if args.overwrite and os.path.exists(args.output):
         os.remove(args.output)
@@ -196,11 +188,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
         for first in range(done, len(records), window):
             chunk = records[first : first + window]
             texts = [pipe.prefix + text for _, text in chunk]
-            lengths = [len(ids) for ids in pipe.tokenizer(texts)["input_ids"]]
             results: dict[int, list[str]] = {}
             written = 0
-            for batch in by_length_batches(lengths, pipe.batch_size):
-                outs = pipe.run([texts[i] for i in batch], len(batch), False, kwargs)
+            for batch, outs in pipe.iter_generate(texts, pipe.batch_size, False, kwargs):
                 for i, ids in zip(batch, outs):
                     generated += int((ids[:, 1:] != pad).sum())
                     results[i] = [pipe.tokenizer.decode(row, skip_special_tokens=True) for row in ids]

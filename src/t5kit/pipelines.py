@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -62,6 +62,12 @@ class _Pipeline:
     def _encode(self, texts: list[str], truncation: bool) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding=True, truncation=truncation, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    def _batches(self, texts: list[str], batch_size: int, truncation: bool) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(indices into ``texts``, their padded encoding) per batch, batches of similar length."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=truncation)["input_ids"]]
+        for batch in by_length_batches(lengths, batch_size):
+            yield batch, self._encode([texts[i] for i in batch], truncation)
 
 
 class Text2TextGenerationPipeline(_Pipeline):
@@ -120,16 +126,22 @@ class Text2TextGenerationPipeline(_Pipeline):
             return outputs[0]
         return [o[0] for o in outputs] if n_return == 1 else outputs
 
-    def run(self, texts: list[str], batch_size: int, truncation: bool, kwargs: dict[str, Any]) -> list[torch.Tensor]:
-        """Token ids (num_return_sequences, L) for each text, in input order (batched by length)."""
+    def iter_generate(
+        self, texts: list[str], batch_size: int, truncation: bool, kwargs: dict[str, Any]
+    ) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+        """Per batch (batched by length): the indices of its texts and, for each, the token ids
+        (num_return_sequences, L) generated for it."""
         n_return = int(kwargs.get("num_return_sequences") or 1)
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=truncation)["input_ids"]]
-        results: list[torch.Tensor | None] = [None] * len(texts)
-        for batch in by_length_batches(lengths, batch_size):
-            enc = self._encode([texts[i] for i in batch], truncation)
+        for batch, enc in self._batches(texts, batch_size, truncation):
             out = self.model.generate(**enc, **kwargs).cpu()
-            for j, i in enumerate(batch):
-                results[i] = out[j * n_return : (j + 1) * n_return]
+            yield batch, [out[j * n_return : (j + 1) * n_return] for j in range(len(batch))]
+
+    def run(self, texts: list[str], batch_size: int, truncation: bool, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """Token ids (num_return_sequences, L) for each text, in input order."""
+        results: list[torch.Tensor | None] = [None] * len(texts)
+        for batch, outs in self.iter_generate(texts, batch_size, truncation, kwargs):
+            for i, ids in zip(batch, outs):
+                results[i] = ids
         return results  # type: ignore[return-value]
 
 
@@ -150,11 +162,9 @@ class FeatureExtractionPipeline(_Pipeline):
         texts, single = _check_texts(inputs)
         if pooling not in (None, "mean"):
             raise ValueError(f"pooling must be None or 'mean', got {pooling!r}")
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=truncation)["input_ids"]]
         results: list[Any] = [None] * len(texts)
         with torch.no_grad():
-            for batch in by_length_batches(lengths, batch_size or self.batch_size):
-                enc = self._encode([texts[i] for i in batch], truncation)
+            for batch, enc in self._batches(texts, batch_size or self.batch_size, truncation):
                 hidden = self.model._encode(enc["input_ids"], enc["attention_mask"], None, False, False).last_hidden_state
                 mask = enc["attention_mask"]
                 for j, i in enumerate(batch):
@@ -250,15 +260,3 @@ def pipeline(
         raise TypeError(f"{task} needs a ForConditionalGeneration model, got {type(model).__name__}")
     task, prefix, defaults = _task_settings(task, model.config)
     return Text2TextGenerationPipeline(model, tokenizer, task, batch_size, prefix, {**defaults, **kwargs})
-
-
-def batched(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    """Consecutive lists of ``size`` items (the last may be shorter)."""
-    chunk: list[Any] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -24,9 +24,7 @@ What it does:
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -38,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ._files import iter_jsonl
 from .data import DataCollatorForSeq2Seq
 from .optim import Adafactor, get_scheduler
 
@@ -449,18 +448,11 @@ def read_jsonl_pairs(path: str, tokenizer: Any, input_field: str = "input", targ
                      max_input_length: int | None = 512, max_target_length: int | None = 128) -> list[dict[str, list[int]]]:
     """Tokenised ``{"input_ids", "labels"}`` examples from a JSONL file of input/target texts."""
     texts, targets = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {n} is not valid JSON ({e})") from e
-            if not isinstance(record.get(input_field), str) or not isinstance(record.get(target_field), str):
-                raise ValueError(f"{path} line {n} needs string fields {input_field!r} and {target_field!r}")
-            texts.append(record[input_field])
-            targets.append(record[target_field])
+    for n, record in iter_jsonl(path):
+        if not isinstance(record.get(input_field), str) or not isinstance(record.get(target_field), str):
+            raise ValueError(f"{path} line {n} needs string fields {input_field!r} and {target_field!r}")
+        texts.append(record[input_field])
+        targets.append(record[target_field])
     if not texts:
         raise ValueError(f"{path} holds no examples")
     enc = tokenizer(texts, truncation=max_input_length is not None, max_length=max_input_length)["input_ids"]

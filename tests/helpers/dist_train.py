@@ -7,7 +7,6 @@ import sys
 
 import torch
 
-import t5kit
 from t5kit.training import Trainer, TrainingArguments
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
