@@ -97,6 +97,22 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(_state(small)[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_packed_batches_train_with_the_models_packed_loss(tmp_path):
+    """A packing collator works with the Trainer: its token-sum loss is the model's packed mean loss x tokens."""
+    from t5kit.data import pack_examples
+
+    model = make_model(dropout=0.0)
+    packed = pack_examples(dataset(10), max_input_length=40, max_target_length=20)
+    assert packed["input_ids"].shape[0] < 10
+    trainer = Trainer(model, _args(tmp_path, save_steps=None), dataset(10), collator=lambda examples: dict(packed))
+    with torch.no_grad():
+        total = trainer._loss_sum(dict(packed))
+        mean = model(**{k: v for k, v in packed.items() if k != "attention_mask"}).loss
+    tokens = int((packed["labels"] != -100).sum())
+    torch.testing.assert_close(total / tokens, mean, rtol=1e-6, atol=1e-6)
+    assert trainer.training_step()[1] == tokens
+
+
 def test_bf16_and_gradient_checkpointing_train(tmp_path):
     model = make_model(dropout=0.0)
     trainer = Trainer(model, _args(tmp_path, bf16=True, gradient_checkpointing=True, max_steps=30, save_steps=None), dataset())

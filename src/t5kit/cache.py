@@ -95,9 +95,8 @@ class EncoderDecoderCache:
             k, v = self.self_keys[i], self.self_values[i]
             if k is None or v is None:
                 continue
-            if self.max_length is None:
-                self.self_keys[i], self.self_values[i] = k.index_select(0, index), v.index_select(0, index)
-            elif index.shape[0] == k.shape[0]:  # preallocated: rewrite only the positions written so far
+            if self.max_length is not None and index.shape[0] == k.shape[0]:
+                # Preallocated, same number of rows: rewrite in place only the positions written so far.
                 k[:, :, :n] = k[:, :, :n].index_select(0, index)
                 v[:, :, :n] = v[:, :, :n].index_select(0, index)
             else:

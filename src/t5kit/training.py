@@ -215,10 +215,8 @@ class Trainer:
         """Sum of the label tokens' cross-entropies (float32)."""
         batch = {k: v.to(self.model.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        if "decoder_segment_ids" in batch:  # packed rows: the model shifts labels within each example
-            batch["labels"] = labels
-        else:  # no labels: the model would compute a second, unused loss
-            batch["decoder_input_ids"] = self.model._shift_right(labels)
+        # Decoder inputs rather than labels: the model would compute a second, unused (mean) loss.
+        batch["decoder_input_ids"] = self.model._shift_right(labels, batch.get("decoder_segment_ids"))
         with self._autocast():
             logits = self.wrapped(**batch, return_dict=True).logits
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
