@@ -270,19 +270,46 @@ def test_half_precision_forward_is_close_to_float32(dtype) -> None:
     assert_rel_close(half.float(), ref, rel=5e-2)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])
+@pytest.mark.parametrize("rows", [1, 2, 7, 65, 600])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fast_cpu_linear_equals_f_linear(rows, bias):
-    """The few-row CPU route ((W @ x.T).T) gives F.linear's values, shapes and gradients."""
-    from t5kit.modeling import Linear
+def test_onednn_linear_equals_f_linear(rows, bias, monkeypatch):
+    """The oneDNN route gives F.linear's values, shapes and gradients (input, weight, bias),
+    for strided inputs too; it is really taken (the op is counted)."""
+    from t5kit import modeling
 
+    if not modeling.ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN")
+    calls = []
+    real = modeling._dnn_linear
+    monkeypatch.setattr(modeling, "_dnn_linear", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(rows)
-    layer = Linear(48, 300, bias=bias)
-    x = torch.randn(rows, 1, 48, requires_grad=True)
+    layer = modeling.Linear(48, 300, bias=bias)
+    x = torch.randn(3, rows, 48).transpose(0, 1).requires_grad_()  # (rows, 3, 48), not contiguous
     out = layer(x)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert out.shape == expected.shape == (rows, 1, 300)
+    assert out.shape == expected.shape == (rows, 3, 300)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    (g,) = torch.autograd.grad(out.square().sum(), x)
-    (g_ref,) = torch.autograd.grad(expected.square().sum(), x)
-    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    params = [x, layer.weight] + ([layer.bias] if bias else [])
+    grads = torch.autograd.grad(out.square().sum(), params)
+    grads_ref = torch.autograd.grad(expected.square().sum(), params)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4  # forward, grad input, grad weight, no-grad forward
+
+
+def test_onednn_linear_bfloat16_and_autocast():
+    """bfloat16 weights take the oneDNN route too; under autocast the layer must cast like F.linear."""
+    from t5kit.modeling import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 32)
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    half = layer.to(torch.bfloat16)
+    out = half(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.linear(x.bfloat16().float(), half.weight.float(), half.bias.float())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
