@@ -1,10 +1,17 @@
-"""The CPU benchmark table: t5kit against transformers (and CTranslate2 when installed), one command.
+"""The CPU benchmark table: t5kit against transformers, CTranslate2 and ONNX Runtime, one command.
 
     pip install -e ".[bench]"
     python benchmarks/bench_suite.py [--shape t5-small] [--rounds 3] [--systems ...]
 
 Every system runs in its own subprocess on the same random checkpoint (written once by
-transformers), measuring tokens/s (higher is better):
+transformers), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
+
+  transformers[-bf16|-compile]   the reference eager in fp32 / bf16; -compile: static cache + torch.compile
+  t5kit[-bf16|-int8]             fp32, bf16 weights, int8 dynamic quantization (t5kit.quantize_dynamic)
+  ctranslate2[-int8]             CTranslate2's converter and Translator (T5 vocabulary shapes only)
+  onnxruntime[-int8]             encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
+
+Columns:
 
   enc b1x128 / enc b16x128   encoder forward over 128-token inputs
   greedy b1 / greedy b16     64 new tokens per sequence, eos disabled, 64-token inputs
@@ -22,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +43,9 @@ from bench_generate import SHAPES, _median_time as _median  # noqa: E402
 
 VOCAB = HERE.parents[1] / "shared" / "data" / "t5-vocab"
 COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8", "train", "peak RSS MB"]
-SYSTEMS = ["transformers", "transformers-bf16", "t5kit", "t5kit-bf16", "ctranslate2", "ctranslate2-int8"]
+SYSTEMS = ["transformers", "transformers-bf16", "transformers-compile", "t5kit", "t5kit-bf16", "t5kit-int8",
+           "ctranslate2", "ctranslate2-int8", "onnxruntime", "onnxruntime-int8"]
+GEN_CASES = (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4))
 NEW_TOKENS = 64
 
 
@@ -52,13 +60,24 @@ def _inputs(batch: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Ten
 # Workers: one system per process.
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: after fork + exec
+    that also counts the parent's peak, so every worker would report at least the driver's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def worker(system: str, model_dir: str, rounds: int, out_file: str) -> None:
     result: dict[str, object] = {}
     if system.startswith("ctranslate2"):
         result = _ctranslate2(system, model_dir, rounds)
+    elif system.startswith("onnxruntime"):
+        result = _onnxruntime(system, model_dir, rounds)
     else:
         result = _torch_system(system, model_dir, rounds)
-    result.setdefault("peak RSS MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result.setdefault("peak RSS MB", _peak_rss_mb())
     Path(out_file).write_text(json.dumps(result))
 
 
@@ -72,11 +91,17 @@ def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]
         model = cls.from_pretrained(model_dir).eval()
         model.generation_config.eos_token_id = None
         gen_kw: dict[str, object] = {}
+        if system.endswith("-compile"):
+            model.forward = torch.compile(model.forward)
+            model.get_encoder().forward = torch.compile(model.get_encoder().forward)
+            gen_kw["cache_implementation"] = "static"
     else:
         import t5kit
 
         model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
         gen_kw = {"eos_token_id": None}
+        if system.endswith("-int8"):
+            model = t5kit.quantize_dynamic(model)
     if bf16:
         model = model.to(torch.bfloat16)
     out: dict[str, object] = {}
@@ -87,7 +112,7 @@ def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]
             t, _ = _median(lambda: encoder(input_ids=ids, attention_mask=mask), rounds)
             out[name] = batch * 128 / t
         tokens = {}
-        for name, batch, beams in (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4)):
+        for name, batch, beams in GEN_CASES:
             ids, mask = _inputs(batch, 64, batch)
             t, seqs = _median(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                                                      num_beams=beams, **gen_kw), rounds)
@@ -99,8 +124,8 @@ def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]
         ids, mask = _inputs(4, 64, 99)
         dec = torch.tensor(tokens["greedy b16"][:4])
         out["logits"] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float().tolist()
-    if not bf16:
-        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if system in ("t5kit", "transformers"):
+        peak_before = _peak_rss_mb()
         out["peak RSS MB"] = peak_before
         g = torch.Generator().manual_seed(0)
         batch = {"input_ids": torch.randint(2, 32000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long),
@@ -129,7 +154,7 @@ def _ctranslate2(system: str, model_dir: str, rounds: int) -> dict[str, object]:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     out: dict[str, object] = {}
     tokens = {}
-    for name, batch, beams in (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4)):
+    for name, batch, beams in GEN_CASES:
         ids, _ = _inputs(batch, 64, batch)
         source = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
         run = lambda: translator.translate_batch(source, beam_size=beams, max_decoding_length=NEW_TOKENS,  # noqa: E731
@@ -139,6 +164,26 @@ def _ctranslate2(system: str, model_dir: str, rounds: int) -> dict[str, object]:
         tokens[name] = [[0] + tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
     out["tokens"] = tokens
     shutil.rmtree(ct2_dir, ignore_errors=True)
+    return out
+
+
+def _onnxruntime(system: str, model_dir: str, rounds: int) -> dict[str, object]:
+    from ort_t5 import OrtT5
+
+    model = OrtT5(model_dir, threads=torch.get_num_threads(), int8=system.endswith("int8"))
+    out: dict[str, object] = {}
+    for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
+        ids, mask = (x.numpy() for x in _inputs(batch, 128, batch))
+        t, _ = _median(lambda: model.encode(ids, mask), rounds)
+        out[name] = batch * 128 / t
+    tokens = {}
+    for name, batch, beams in GEN_CASES:
+        ids, mask = (x.numpy() for x in _inputs(batch, 64, batch))
+        t, seqs = _median(lambda: model.generate(ids, mask, NEW_TOKENS, beams), rounds)
+        out[name] = batch * NEW_TOKENS / t
+        tokens[name] = seqs.tolist()
+    out["tokens"] = tokens
+    shutil.rmtree(model.work, ignore_errors=True)
     return out
 
 
@@ -181,6 +226,12 @@ def main() -> None:
                 continue
             if family != "T5":
                 print(f"  {system}: skipped (the comparison uses the T5 vocabulary)")
+                continue
+        if system.startswith("onnxruntime"):
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                print(f"  {system}: skipped (pip install onnxruntime onnx)")
                 continue
         out = Path(work) / f"{system}.json"
         cmd = [sys.executable, __file__, "--worker", system, "--model-dir", work, "--rounds", str(args.rounds), "--out", str(out)]

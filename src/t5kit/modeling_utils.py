@@ -386,6 +386,11 @@ class PreTrainedModel(nn.Module):
         supplies the tensors instead of the parameters (e.g. the full state gathered from an
         FSDP-sharded model); its keys are this model's parameter names.
         """
+        if getattr(self, "quantized", None):
+            raise ValueError(
+                f"this model is quantized ({self.quantized}) for inference and cannot be saved as a checkpoint; "
+                "save the float model and quantize after loading"
+            )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise OSError(f"save_pretrained needs a directory, but {save_directory} is a file")

@@ -1,0 +1,73 @@
+"""int8 dynamic quantization: what is stored, its error against float32, and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import t5kit
+from conftest import FAMILIES, VARIANTS, make_batch, tiny_model
+from t5kit.modeling import Linear
+from t5kit.quantization import DynamicInt8Linear
+
+pytestmark = pytest.mark.skipif(
+    "fbgemm" not in torch.backends.quantized.supported_engines, reason="needs PyTorch's fbgemm (x86)"
+)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_stores_int8_weights_and_stays_close(bias):
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=bias)
+    q = DynamicInt8Linear.from_linear(layer)
+    weight, stored_bias = torch.ops.quantized.linear_unpack(q._packed)
+    assert weight.dtype == torch.qint8
+    scales = layer.weight.detach().abs().amax(1) / 127
+    expected = torch.round(layer.weight.detach() / scales[:, None]).clamp(-127, 127) * scales[:, None]
+    torch.testing.assert_close(weight.dequantize(), expected, rtol=0, atol=1e-6)
+    if bias:
+        torch.testing.assert_close(stored_bias, layer.bias.detach())
+    x = torch.randn(4, 7, 96)
+    with torch.no_grad():
+        ref, out = layer(x), q(x)
+    assert out.shape == ref.shape == (4, 7, 200) and out.dtype == torch.float32
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 2e-2, err
+    with pytest.raises(ValueError, match="last dimension 96"):
+        q(torch.randn(2, 95))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_model_logits_and_tokens_close_to_float(family, variant):
+    model = tiny_model(family, variant)
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    quantized = t5kit.quantize_dynamic(model)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in quantized.modules())
+    assert n_linear == 0 and sum(isinstance(m, DynamicInt8Linear) for m in quantized.modules()) > 0
+    with torch.no_grad():
+        out = quantized(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        tokens = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    err = float((out - ref).abs().max() / ref.abs().max())
+    assert err < 5e-2, err
+    # Wherever fp32's best token leads by more than twice the largest error, int8 picks it too.
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * (out - ref).abs().max()
+    assert clear.any()
+    assert (out.argmax(-1) == ref.argmax(-1))[clear].all()
+    assert tokens.shape == greedy.shape
+
+
+def test_quantized_model_refuses_saving_and_training(tmp_path):
+    model = t5kit.quantize_dynamic(tiny_model())
+    with pytest.raises(ValueError, match="quantized"):
+        model.save_pretrained(tmp_path)
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    model.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        model(input_ids=ids, attention_mask=mask, labels=dec).loss.backward()
+    with pytest.raises(ValueError, match="no linear layers"):
+        t5kit.quantize_dynamic(model)
