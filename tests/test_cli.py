@@ -52,6 +52,17 @@ def test_console_script_and_options(checkpoint):
     assert out.stdout.splitlines() == [r["summary_text"] for r in expected]
 
 
+def test_run_int8_equals_the_quantized_pipeline(checkpoint):
+    texts = [t for t in TEXTS if t][:3]
+    out = cli("run", "--model", checkpoint, "--int8", "--max-new-tokens", 6, stdin="\n".join(texts) + "\n")
+    assert out.returncode == 0, out.stderr
+    pipe = t5kit.pipeline("text2text-generation", model=str(checkpoint))
+    t5kit.quantize_dynamic(pipe.model)
+    assert out.stdout.splitlines() == [r["generated_text"] for r in pipe(texts, max_new_tokens=6)]
+    bad = cli("run", "--model", checkpoint, "--int8", "--dtype", "bfloat16", stdin="x\n")
+    assert bad.returncode != 0 and "--int8 quantizes a float32 model" in bad.stderr
+
+
 def test_run_feature_extraction_prints_json(checkpoint):
     out = cli("run", "--task", "feature-extraction", "--model", checkpoint, stdin="hello\n")
     assert out.returncode == 0, out.stderr

@@ -49,6 +49,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, or an index (0 = cuda:0, -1 = cpu); default cpu")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16 or auto")
+    p.add_argument("--int8", action="store_true", help="int8 dynamic quantization of the linear layers (CPU, float32)")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--local-files-only", action="store_true", help="never contact the Hub (as HF_HUB_OFFLINE=1)")
     p.add_argument("--batch-size", type=int, default=None, help="inputs per forward pass")
@@ -72,10 +73,17 @@ def _build_pipeline(args: argparse.Namespace, task: str, default_batch: int) -> 
     device = args.device
     if device is not None and device.lstrip("-").isdigit():
         device = int(device)  # `--device 0` as in the reference's command line: cuda:0 (-1: cpu)
-    return pipeline(
+    pipe = pipeline(
         task, model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=device,
         batch_size=args.batch_size or default_batch, **hub, **gen,
     )
+    if args.int8:
+        from .quantization import quantize_dynamic
+
+        if pipe.model.device.type != "cpu" or args.dtype not in (None, "float32"):
+            raise CLIError("--int8 quantizes a float32 model on the CPU; drop --device/--dtype")
+        quantize_dynamic(pipe.model)
+    return pipe
 
 
 def _one_line(text: str) -> str:

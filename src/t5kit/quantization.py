@@ -63,8 +63,14 @@ class DynamicInt8Linear(nn.Module):
         with warnings.catch_warnings():
             # Quantized tensors are only the carrier fbgemm's prepack takes; nothing else sees them.
             warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-            packed = torch.ops.quantized.linear_prepack(qweight, bias)
+            try:
+                qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+                packed = torch.ops.quantized.linear_prepack(qweight, bias)
+            except (AttributeError, RuntimeError) as err:
+                raise RuntimeError(
+                    f"this PyTorch ({torch.__version__}) cannot prepack int8 weights for fbgemm ({err}); "
+                    "use bfloat16 instead, or the torch version t5kit is tested with (2.13)"
+                ) from err
         return cls(layer.in_features, layer.out_features, packed, reduce_range=not _has_vnni())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
