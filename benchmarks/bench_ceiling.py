@@ -14,7 +14,6 @@ loop and the one-off encoder and cross keys/values (a few percent at 64 tokens).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import SHAPES  # noqa: E402
+from bench_generate import SHAPES, _median_time  # noqa: E402
 
 
 def bandwidth_gbs(mb: int = 1024, rounds: int = 5) -> float:
@@ -78,10 +77,9 @@ def main() -> None:
         nbytes = step_weight_bytes(model, width)
         floor_ms = nbytes / (bw * 1e9) * 1e3
         with torch.inference_mode():
-            run = lambda: model.generate(input_ids=ids, max_new_tokens=args.new_tokens, eos_token_id=None)  # noqa: E731
-            run()
-            times = [_timed(run) for _ in range(args.rounds)]
-        step_ms = statistics.median(times) / args.new_tokens * 1e3
+            t, _ = _median_time(lambda: model.generate(input_ids=ids, max_new_tokens=args.new_tokens, eos_token_id=None),
+                                args.rounds)
+        step_ms = t / args.new_tokens * 1e3
         print(f"  {mode}: {nbytes / 1e6:6.1f} MB of weights per step, floor {floor_ms:5.2f} ms, measured {step_ms:5.2f} ms "
               f"per token = {step_ms / floor_ms:.2f}x the floor")
 

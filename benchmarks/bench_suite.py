@@ -17,7 +17,7 @@ Columns:
   greedy b1 / greedy b16     64 new tokens per sequence, eos disabled, 64-token inputs
   beam4 b1 / beam4 b8        the same with 4 beams
   train                      steps/s, fp32 forward + backward + AdamW, batch 8, 128 -> 64 tokens
-  peak RSS                   the process's peak resident memory after the greedy b16 case
+  peak RSS                   the process's peak resident memory after the generation cases
 
 Medians of --rounds. Ratios are against transformers fp32 measured in the same run. For the fast
 modes, quality against t5kit fp32 is printed too: the largest logit error relative to the largest
@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -69,8 +70,33 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+def _measure(
+    rounds: int, generate: Callable, tokens_of: Callable, encode: Callable | None = None, prepare: Callable | None = None
+) -> dict[str, object]:
+    """tokens/s of every case: ``encode(ids, mask)`` on the encoder cases (if given), and
+    ``generate(ids, mask, num_beams)`` on GEN_CASES. Outside the timed calls, ``prepare(ids, mask)``
+    converts the inputs to the system's own (ids, mask), and ``tokens_of`` turns a generation's
+    output into token lists (B, 1 + NEW_TOKENS) for the quality report."""
+    prepare = prepare or (lambda ids, mask: (ids, mask))
+    out: dict[str, object] = {}
+    if encode is not None:
+        for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
+            ids, mask = prepare(*_inputs(batch, 128, batch))
+            t, _ = _median(lambda: encode(ids, mask), rounds)
+            out[name] = batch * 128 / t
+    tokens = {}
+    for name, batch, beams in GEN_CASES:
+        ids, mask = prepare(*_inputs(batch, 64, batch))
+        t, seqs = _median(lambda: generate(ids, mask, beams), rounds)
+        out[name] = batch * NEW_TOKENS / t
+        tokens[name] = tokens_of(seqs)
+        shape = (len(tokens[name]), {len(row) for row in tokens[name]})
+        assert shape == (batch, {NEW_TOKENS + 1}), f"{name}: {shape[0]} sequences of lengths {shape[1]}"
+    out["tokens"] = tokens
+    return out
+
+
 def worker(system: str, model_dir: str, rounds: int, out_file: str) -> None:
-    result: dict[str, object] = {}
     if system.startswith("ctranslate2"):
         result = _ctranslate2(system, model_dir, rounds)
     elif system.startswith("onnxruntime"):
@@ -104,29 +130,22 @@ def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]
             model = t5kit.quantize_dynamic(model)
     if bf16:
         model = model.to(torch.bfloat16)
-    out: dict[str, object] = {}
+
     with torch.inference_mode():
         encoder = model.get_encoder()
-        for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
-            ids, mask = _inputs(batch, 128, batch)
-            t, _ = _median(lambda: encoder(input_ids=ids, attention_mask=mask), rounds)
-            out[name] = batch * 128 / t
-        tokens = {}
-        for name, batch, beams in GEN_CASES:
-            ids, mask = _inputs(batch, 64, batch)
-            t, seqs = _median(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                                                     num_beams=beams, **gen_kw), rounds)
-            assert seqs.shape == (batch, NEW_TOKENS + 1), seqs.shape
-            out[name] = batch * NEW_TOKENS / t
-            tokens[name] = seqs.tolist()
-        out["tokens"] = tokens
+        out = _measure(
+            rounds,
+            encode=lambda ids, mask: encoder(input_ids=ids, attention_mask=mask),
+            generate=lambda ids, mask, beams: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                                             num_beams=beams, **gen_kw),
+            tokens_of=lambda seqs: seqs.tolist(),
+        )
         # Logits on a fixed teacher-forced batch, for the quality report.
         ids, mask = _inputs(4, 64, 99)
-        dec = torch.tensor(tokens["greedy b16"][:4])
+        dec = torch.tensor(out["tokens"]["greedy b16"][:4])
         out["logits"] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float().tolist()
     if system in ("t5kit", "transformers"):
-        peak_before = _peak_rss_mb()
-        out["peak RSS MB"] = peak_before
+        out["peak RSS MB"] = _peak_rss_mb()  # before training, which needs more
         g = torch.Generator().manual_seed(0)
         batch = {"input_ids": torch.randint(2, 32000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long),
                  "labels": torch.randint(2, 32000, (8, 64), generator=g)}
@@ -152,17 +171,14 @@ def _ctranslate2(system: str, model_dir: str, rounds: int) -> dict[str, object]:
     ctranslate2.converters.TransformersConverter(model_dir).convert(ct2_dir, quantization=quant, force=True)
     translator = ctranslate2.Translator(ct2_dir, device="cpu", intra_threads=torch.get_num_threads())
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    out: dict[str, object] = {}
-    tokens = {}
-    for name, batch, beams in GEN_CASES:
-        ids, _ = _inputs(batch, 64, batch)
-        source = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
-        run = lambda: translator.translate_batch(source, beam_size=beams, max_decoding_length=NEW_TOKENS,  # noqa: E731
-                                                 min_decoding_length=NEW_TOKENS, return_scores=False)
-        t, res = _median(run, rounds)
-        out[name] = batch * NEW_TOKENS / t
-        tokens[name] = [[0] + tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res]
-    out["tokens"] = tokens
+    out = _measure(
+        rounds,
+        prepare=lambda ids, mask: ([tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()], mask),
+        generate=lambda source, mask, beams: translator.translate_batch(
+            source, beam_size=beams, max_decoding_length=NEW_TOKENS, min_decoding_length=NEW_TOKENS, return_scores=False
+        ),
+        tokens_of=lambda res: [[0] + tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in res],
+    )
     shutil.rmtree(ct2_dir, ignore_errors=True)
     return out
 
@@ -171,18 +187,13 @@ def _onnxruntime(system: str, model_dir: str, rounds: int) -> dict[str, object]:
     from ort_t5 import OrtT5
 
     model = OrtT5(model_dir, threads=torch.get_num_threads(), int8=system.endswith("int8"))
-    out: dict[str, object] = {}
-    for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
-        ids, mask = (x.numpy() for x in _inputs(batch, 128, batch))
-        t, _ = _median(lambda: model.encode(ids, mask), rounds)
-        out[name] = batch * 128 / t
-    tokens = {}
-    for name, batch, beams in GEN_CASES:
-        ids, mask = (x.numpy() for x in _inputs(batch, 64, batch))
-        t, seqs = _median(lambda: model.generate(ids, mask, NEW_TOKENS, beams), rounds)
-        out[name] = batch * NEW_TOKENS / t
-        tokens[name] = seqs.tolist()
-    out["tokens"] = tokens
+    out = _measure(
+        rounds,
+        prepare=lambda ids, mask: (ids.numpy(), mask.numpy()),
+        encode=model.encode,
+        generate=lambda ids, mask, beams: model.generate(ids, mask, NEW_TOKENS, beams),
+        tokens_of=lambda seqs: seqs.tolist(),
+    )
     shutil.rmtree(model.work, ignore_errors=True)
     return out
 

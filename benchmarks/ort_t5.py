@@ -15,7 +15,6 @@ per step, as the reference does when no hypothesis can finish.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -24,23 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _buckets(query: np.ndarray, key: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int) -> np.ndarray:
-    """T5's relative position buckets for (T,) query and (K,) key positions -> (T, K) int64."""
-    rel = key[None, :] - query[:, None]
-    out = np.zeros_like(rel)
-    if bidirectional:
-        num_buckets //= 2
-        out += (rel > 0).astype(np.int64) * num_buckets
-        dist = np.abs(rel)
-    else:
-        dist = -np.minimum(rel, 0)
-    exact = num_buckets // 2
-    with np.errstate(divide="ignore"):
-        large = exact + (np.log(np.maximum(dist, 1).astype(np.float32) / exact) / math.log(max_distance / exact)
-                         * (num_buckets - exact)).astype(np.int64)
-    large = np.minimum(large, num_buckets - 1)
-    return out + np.where(dist < exact, dist, large)
+from t5kit.modeling import relative_position_bucket
 
 
 class _Functional(nn.Module):
@@ -171,15 +154,17 @@ class OrtT5:
                 quantize_dynamic(path, path.replace(".onnx", "-int8.onnx"), weight_type=QuantType.QInt8)
                 path = path.replace(".onnx", "-int8.onnx")
             self.sessions[mode] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        self.enc_names = [o.name for o in self.sessions["encode"].get_outputs()]
 
-    def _enc_buckets(self, s: int) -> np.ndarray:
-        pos = np.arange(s)
-        return _buckets(pos, pos, True, self.config["relative_attention_num_buckets"],
-                        self.config.get("relative_attention_max_distance", 128))
+    def _buckets(self, n: int, bidirectional: bool) -> np.ndarray:
+        """(n, n) relative-position bucket ids, query positions down, key positions across."""
+        pos = torch.arange(n)
+        return relative_position_bucket(
+            pos[None, :] - pos[:, None], bidirectional, self.config["relative_attention_num_buckets"],
+            self.config.get("relative_attention_max_distance", 128),
+        ).numpy()
 
     def encode(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return self.sessions["encode"].run(None, {"ids": ids, "mask": mask, "buckets": self._enc_buckets(ids.shape[1])})[0]
+        return self.sessions["encode"].run(None, {"ids": ids, "mask": mask, "buckets": self._buckets(ids.shape[1], True)})[0]
 
     def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int, num_beams: int = 1) -> np.ndarray:
         """(B, 1 + new_tokens) int64: decoder start token then exactly ``new_tokens`` tokens."""
@@ -196,10 +181,9 @@ class OrtT5:
         scores = np.zeros((b, num_beams), np.float32)
         scores[:, 1:] = -1e9  # only the first beam is live at the start
         feeds = {"enc_bias": enc_bias, **{f"cross{i}": x for i, x in enumerate(cross)}}
+        table = self._buckets(new_tokens, False)  # step t takes row t, keys 0..t
         for t in range(new_tokens):
-            buckets = _buckets(np.array([t]), np.arange(t + 1), False, self.config["relative_attention_num_buckets"],
-                               self.config.get("relative_attention_max_distance", 128))
-            out = self.sessions["step"].run(None, {"ids": seqs[:, -1:], "buckets": buckets, **feeds,
+            out = self.sessions["step"].run(None, {"ids": seqs[:, -1:], "buckets": table[t : t + 1, : t + 1], **feeds,
                                                    **{f"past{i}": x for i, x in enumerate(past)}})
             logits, past = out[0], out[1:]
             if num_beams == 1:
