@@ -6,8 +6,8 @@ A batch-1 decoder step must read every weight it multiplies by once: the decoder
 q/k/v/o, cross-attention q/o (the cross keys/values are computed once per input, not per step),
 the feed-forward matrices and the output projection. Weights do not fit in the caches, so the
 floor is (those bytes) / (the memory bandwidth this machine achieves reading a large buffer with
-the threads torch uses). Prints the floor, t5kit's measured step time per mode (fp32, bf16, int8)
-and the ratio. The step time is greedy generation time / new tokens, so it includes the sampling
+the threads torch uses). Prints the floor, t5kit's measured step time per mode (fp32 with plain
+and prepacked weights, bf16 prepacked, int8) and the ratio. The step time is greedy generation time / new tokens, so it includes the sampling
 loop and the one-off encoder and cross keys/values (a few percent at 64 tokens).
 """
 
@@ -68,19 +68,21 @@ def main() -> None:
     print(f"{args.shape} shape; {torch.get_num_threads()} threads; read bandwidth {bw:.1f} GB/s; "
           f"batch 1, 64-token input, {args.new_tokens} new tokens, median of {args.rounds}")
     ids = torch.randint(2, 32000, (1, 64), generator=torch.Generator().manual_seed(1))
-    for mode, width in (("fp32", 4), ("bf16", 2), ("int8", 1)):
+    for mode, width in (("fp32 unpacked", 4), ("fp32", 4), ("bf16", 2), ("int8", 1)):
         model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(work)
         if mode == "bf16":
             model = model.to(torch.bfloat16)
-        elif mode == "int8":
+        if mode == "int8":
             model = t5kit.quantize_dynamic(model)
+        elif mode != "fp32 unpacked":
+            model = t5kit.prepack(model)
         nbytes = step_weight_bytes(model, width)
         floor_ms = nbytes / (bw * 1e9) * 1e3
         with torch.inference_mode():
             t, _ = _median_time(lambda: model.generate(input_ids=ids, max_new_tokens=args.new_tokens, eos_token_id=None),
                                 args.rounds)
         step_ms = t / args.new_tokens * 1e3
-        print(f"  {mode}: {nbytes / 1e6:6.1f} MB of weights per step, floor {floor_ms:5.2f} ms, measured {step_ms:5.2f} ms "
+        print(f"  {mode:13s}: {nbytes / 1e6:6.1f} MB of weights per step, floor {floor_ms:5.2f} ms, measured {step_ms:5.2f} ms "
               f"per token = {step_ms / floor_ms:.2f}x the floor")
 
 

@@ -7,7 +7,8 @@ Every system runs in its own subprocess on the same random checkpoint (written o
 transformers), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
 
   transformers[-bf16|-compile]   the reference eager in fp32 / bf16; -compile: static cache + torch.compile
-  t5kit[-bf16|-int8]             fp32, bf16 weights, int8 dynamic quantization (t5kit.quantize_dynamic)
+  t5kit[-bf16|-int8|-unpacked]  fp32 and bf16 with prepacked weights (t5kit.prepack, as `t5kit run` does),
+                                 int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
   ctranslate2[-int8]             CTranslate2's converter and Translator (T5 vocabulary shapes only)
   onnxruntime[-int8]             encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
 
@@ -44,7 +45,7 @@ from bench_generate import SHAPES, _median_time as _median  # noqa: E402
 
 VOCAB = HERE.parents[1] / "shared" / "data" / "t5-vocab"
 COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8", "train", "peak RSS MB"]
-SYSTEMS = ["transformers", "transformers-bf16", "transformers-compile", "t5kit", "t5kit-bf16", "t5kit-int8",
+SYSTEMS = ["transformers", "transformers-bf16", "transformers-compile", "t5kit", "t5kit-unpacked", "t5kit-bf16", "t5kit-int8",
            "ctranslate2", "ctranslate2-int8", "onnxruntime", "onnxruntime-int8"]
 GEN_CASES = (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4))
 NEW_TOKENS = 64
@@ -130,6 +131,8 @@ def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]
             model = t5kit.quantize_dynamic(model)
     if bf16:
         model = model.to(torch.bfloat16)
+    if system in ("t5kit", "t5kit-bf16"):
+        model = t5kit.prepack(model)
 
     with torch.inference_mode():
         encoder = model.get_encoder()
@@ -146,6 +149,9 @@ def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]
         out["logits"] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float().tolist()
     if system in ("t5kit", "transformers"):
         out["peak RSS MB"] = _peak_rss_mb()  # before training, which needs more
+        if system == "t5kit":  # a prepacked model is for inference: train the checkpoint as loaded
+            del model
+            model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
         g = torch.Generator().manual_seed(0)
         batch = {"input_ids": torch.randint(2, 32000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long),
                  "labels": torch.randint(2, 32000, (8, 64), generator=g)}

@@ -63,6 +63,17 @@ def test_run_int8_equals_the_quantized_pipeline(checkpoint):
     assert bad.returncode != 0 and "--int8 quantizes a float32 model" in bad.stderr
 
 
+def test_inference_commands_prepack_cpu_weights(checkpoint):
+    from t5kit.cli import _build_pipeline, _parser
+
+    pipe = _build_pipeline(_parser().parse_args(["run", "--model", str(checkpoint)]), "text2text-generation", 1)
+    assert pipe.model.inference_only == "prepacked"
+    plain = _build_pipeline(_parser().parse_args(["run", "--model", str(checkpoint), "--no-prepack"]), "text2text-generation", 1)
+    assert getattr(plain.model, "inference_only", None) is None
+    texts = [t for t in TEXTS if t][:3]
+    assert pipe(texts, max_new_tokens=6) == plain(texts, max_new_tokens=6)
+
+
 def test_run_feature_extraction_prints_json(checkpoint):
     out = cli("run", "--task", "feature-extraction", "--model", checkpoint, stdin="hello\n")
     assert out.returncode == 0, out.stderr

@@ -44,6 +44,7 @@ from .modeling import (
     UMT5Model,
 )
 from .modeling_utils import PreTrainedModel
+from .packing import prepack
 from .quantization import quantize_dynamic
 from .pipelines import FeatureExtractionPipeline, Text2TextGenerationPipeline, pipeline
 from .tokenization import (
@@ -68,6 +69,7 @@ from .outputs import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "prepack",
     "quantize_dynamic",
     "AutoConfig",
     "AutoModel",

@@ -386,10 +386,10 @@ class PreTrainedModel(nn.Module):
         supplies the tensors instead of the parameters (e.g. the full state gathered from an
         FSDP-sharded model); its keys are this model's parameter names.
         """
-        if getattr(self, "quantized", None):
+        if getattr(self, "inference_only", None):
             raise ValueError(
-                f"this model is quantized ({self.quantized}) for inference and cannot be saved as a checkpoint; "
-                "save the float model and quantize after loading"
+                f"this model was converted for inference ({self.inference_only}: quantized or prepacked weights) "
+                "and cannot be saved as a checkpoint; save the model you loaded and convert after loading"
             )
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):

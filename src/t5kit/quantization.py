@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .packing import refuse_training, replace_linears
+
 __all__ = ["DynamicInt8Linear", "quantize_dynamic"]
 
 
@@ -78,8 +80,7 @@ class DynamicInt8Linear(nn.Module):
             raise ValueError("an int8-quantized model runs on the CPU only; quantize after moving back, or use bf16 on GPUs")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("an int8-quantized model is for inference only; train the float model")
+        refuse_training(self, "an int8-quantized model")
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
         out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -92,7 +93,7 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`DynamicInt8Linear`.
 
     The model must be on the CPU in float32 (or bfloat16, computed in float32). Returns the model,
-    in eval mode, marked so that ``save_pretrained`` and training refuse it with a clear error.
+    in eval mode, for inference only: ``save_pretrained`` and training refuse it with a clear error.
 
     Example::
 
@@ -100,15 +101,4 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
         model = quantize_dynamic(model)
         model.generate(**inputs)
     """
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("quantize_dynamic works on CPU models; call model.to('cpu') first")
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not targets:
-        raise ValueError("the model has no linear layers to quantize (is it already quantized?)")
-    for name, layer in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DynamicInt8Linear.from_linear(layer))
-    model.eval()
-    model.quantized = "int8-dynamic"
-    return model
+    return replace_linears(model, DynamicInt8Linear.from_linear, "int8-dynamic")

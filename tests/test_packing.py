@@ -1,0 +1,100 @@
+"""Prepacked oneDNN weights: the same numbers and tokens as the unpacked model, and what they refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import t5kit
+from conftest import FAMILIES, VARIANTS, assert_rel_close, make_batch, tiny_model
+from t5kit.modeling import Linear
+from t5kit.packing import PackedLinear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN backend")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [0, 1, 4, 37])
+def test_layer_equals_f_linear(rows, bias):
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=bias)
+    packed = PackedLinear.from_linear(layer)
+    x = torch.randn(rows, 3, 96)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        out = packed(x)
+    assert out.shape == expected.shape == (rows, 3, 200)
+    if rows:
+        assert_rel_close(out, expected, what="packed linear")
+    with pytest.raises(ValueError, match="last dimension 96"):
+        packed(torch.randn(2, 95))
+    with pytest.raises(ValueError, match="prepacked for torch.float32"):
+        packed(x.double())
+
+
+def test_layer_bfloat16():
+    torch.manual_seed(0)
+    layer = Linear(64, 48).to(torch.bfloat16)
+    packed = PackedLinear.from_linear(layer)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        out = packed(x)
+    assert out.dtype == torch.bfloat16
+    assert_rel_close(out.float(), expected, rel=2e-2, what="bf16 packed linear")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        PackedLinear.from_linear(Linear(4, 4).half())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prepacked_model_gives_the_same_logits_and_tokens(family, variant):
+    model = tiny_model(family, variant)
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        greedy, beam = model.generate(**gen), model.generate(**gen, num_beams=3)
+    n_dense = sum(p.numel() for p in model.parameters())
+    packed = t5kit.prepack(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    n_linear = sum(isinstance(m, PackedLinear) for m in packed.modules())
+    depth = model.config.num_layers + model.config.num_decoder_layers
+    assert n_linear == 4 * depth + 4 * model.config.num_decoder_layers + (3 if model.config.is_gated_act else 2) * depth + 1
+    # The dense linear weights are released: only embeddings, norms and position tables remain.
+    assert sum(p.numel() for p in packed.parameters()) < n_dense / 2
+    # A plain forward (no torch.no_grad) is inference: nothing requires gradients.
+    out = packed(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert not out.requires_grad
+    assert_rel_close(out, ref, what="prepacked logits")
+    assert torch.equal(packed.generate(**gen), greedy)
+    assert torch.equal(packed.generate(**gen, num_beams=3), beam)
+
+
+def test_prepacked_bfloat16_model_stays_close():
+    model = tiny_model("T5", "relu_tied").to(torch.bfloat16)
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float()
+        out = t5kit.prepack(model)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    assert out.dtype == torch.bfloat16
+    assert_rel_close(out.float(), ref, rel=3e-2, what="bf16 prepacked logits")
+
+
+def test_prepacked_model_refuses_saving_training_and_other_dtypes(tmp_path):
+    model = t5kit.prepack(tiny_model())
+    assert model.inference_only == "prepacked"
+    with pytest.raises(ValueError, match="converted for inference"):
+        model.save_pretrained(tmp_path)
+    assert not any(tmp_path.iterdir())
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    model.train()
+    with pytest.raises(RuntimeError, match="inference only"):
+        model(input_ids=ids, attention_mask=mask, labels=dec)
+    model.eval()
+    with pytest.raises(ValueError, match="no linear layers"):
+        t5kit.prepack(model)
+    with pytest.raises(ValueError, match="prepacked for torch.float32"):
+        model.to(torch.bfloat16)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        t5kit.prepack(tiny_model().half())
