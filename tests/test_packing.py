@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -98,3 +100,16 @@ def test_prepacked_model_refuses_saving_training_and_other_dtypes(tmp_path):
         model.to(torch.bfloat16)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         t5kit.prepack(tiny_model().half())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_prepack_releases_the_checkpoint_file(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+
+    def mapped() -> bool:
+        return str(tmp_path / "model.safetensors") in Path("/proc/self/maps").read_text()
+
+    assert mapped()  # loading maps the file; the parameters live in it
+    t5kit.prepack(model)
+    assert not mapped()  # so the released dense weights leave memory

@@ -93,6 +93,13 @@ def replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module], wh
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, make(getattr(parent, child)))
+    # from_pretrained leaves the weights in the checkpoint file's memory map, which stays mapped (its
+    # pages read while converting stay resident) while any tensor of the file lives. Copying the
+    # few remaining ones (embeddings, norms, position tables) unmaps it: the released dense weights
+    # then really leave memory (t5-small prepacked: 785 -> 612 MB resident).
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = tensor.data.clone()
     model.eval()
     model.requires_grad_(False)
     model.inference_only = what
