@@ -34,6 +34,18 @@ def test_layer_equals_f_linear(rows, bias):
         packed(x.double())
 
 
+def test_layers_fused_into_one_product():
+    torch.manual_seed(0)
+    a, b, c = Linear(32, 24, bias=False), Linear(32, 16, bias=True), Linear(32, 8, bias=False)
+    fused = PackedLinear.from_linear(a, b, c)
+    assert (fused.in_features, fused.out_features) == (32, 48)
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = torch.cat([a(x), b(x), c(x)], dim=-1)
+        out = fused(x)
+    assert_rel_close(out, expected, what="fused products")
+
+
 def test_layer_bfloat16():
     torch.manual_seed(0)
     layer = Linear(64, 48).to(torch.bfloat16)
@@ -62,7 +74,8 @@ def test_prepacked_model_gives_the_same_logits_and_tokens(family, variant):
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
     n_linear = sum(isinstance(m, PackedLinear) for m in packed.modules())
     depth = model.config.num_layers + model.config.num_decoder_layers
-    assert n_linear == 4 * depth + 4 * model.config.num_decoder_layers + (3 if model.config.is_gated_act else 2) * depth + 1
+    # Fused: q|k|v and o per self-attention, q, k|v and o per cross-attention, wi (or wi_0|wi_1) and wo, the head.
+    assert n_linear == 2 * depth + 3 * model.config.num_decoder_layers + 2 * depth + 1
     # The dense linear weights are released: only embeddings, norms and position tables remain.
     assert sum(p.numel() for p in packed.parameters()) < n_dense / 2
     # A plain forward (no torch.no_grad) is inference: nothing requires gradients.

@@ -237,8 +237,12 @@ class T5DenseGatedActDense(nn.Module):
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.act = ACT_FNS[config.dense_act_fn]
+        self.wi_01: nn.Module | None = None  # wi_0 | wi_1 as one product, set by t5kit.prepack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wi_01 is not None:
+            gate, up = self.wi_01(x).chunk(2, dim=-1)  # (..., d_ff) each
+            return self.wo(self.dropout(self.act(gate) * up))
         return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
 
 
@@ -292,6 +296,9 @@ class T5Attention(nn.Module):
         self.has_relative_attention_bias = has_relative_attention_bias
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        # Set by t5kit.prepack: one product for the projections of one input (fewer, wider products).
+        self.qkv: nn.Module | None = None  # q | k | v, self-attention
+        self.kv: nn.Module | None = None  # k | v of the encoder output, cross-attention
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -313,17 +320,25 @@ class T5Attention(nn.Module):
         need_weights: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         b, t, _ = x.shape
-        q = self._heads(self.q(x))
+        inner = self.n_heads * self.d_kv
         if key_value_states is None:  # self-attention
-            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            if self.qkv is not None:
+                q, k, v = (self._heads(p) for p in self.qkv(x).split(inner, dim=-1))
+            else:
+                q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
             if cache is not None:
                 k, v = cache.update(layer_idx, k, v)
-        elif cache is not None and cache.has_cross(layer_idx):  # cross-attention, reused
-            k, v = cache.get_cross(layer_idx)
-        else:  # cross-attention, first step: computed once from the encoder output
-            k, v = self._heads(self.k(key_value_states)), self._heads(self.v(key_value_states))
-            if cache is not None:
-                cache.set_cross(layer_idx, k, v)
+        else:
+            q = self._heads(self.q(x))
+            if cache is not None and cache.has_cross(layer_idx):  # cross-attention, reused
+                k, v = cache.get_cross(layer_idx)
+            else:  # cross-attention, first step: computed once from the encoder output
+                if self.kv is not None:
+                    k, v = (self._heads(p) for p in self.kv(key_value_states).split(inner, dim=-1))
+                else:
+                    k, v = self._heads(self.k(key_value_states)), self._heads(self.v(key_value_states))
+                if cache is not None:
+                    cache.set_cross(layer_idx, k, v)
         dropout_p = self.dropout if self.training else 0.0
         if k.shape[0] != b:
             # Beams (or returned samples) of one input share its encoder keys/values: the G rows of a

@@ -7,7 +7,8 @@ output projection at 16 rows: 3.8 -> 1.9 ms; 4 rows: 2.5 -> 1.0 ms), 1.3x at 128
 at thousands. Decoding (a few rows per step), beam search and short encoder inputs gain the most.
 
 ``prepack(model)`` replaces every linear layer by a :class:`PackedLinear` holding its weight in
-that layout; the ordinary weight is released, so memory does not grow (except for a tied output
+that layout (projections that read the same input, such as self-attention's q, k and v, become
+one wider product); the ordinary weight is released, so memory does not grow (except for a tied output
 projection, whose packed copy sits beside the input embedding that still needs the plain matrix).
 Values equal the unpacked model's to float32 rounding, so fp32 tokens are unchanged.
 
@@ -40,18 +41,22 @@ class PackedLinear(nn.Module):
         self.dtype = packed.dtype
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear) -> "PackedLinear":
-        """Pack ``layer``'s weight (CPU, float32 or bfloat16)."""
-        weight = layer.weight.detach()
+    def from_linear(cls, *layers: nn.Linear) -> "PackedLinear":
+        """Pack ``layers``' weights (CPU, float32 or bfloat16), stacked along the outputs when several
+        (layers reading the same input become one wider product; split its output to use them)."""
+        weight = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else layers[0].weight.detach()
         if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(
                 f"prepack needs float32 or bfloat16 weights on the CPU, got {weight.dtype} on {weight.device}"
             )
         if not torch.backends.mkldnn.is_available():
             raise RuntimeError("prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks")
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
-        bias = None if layer.bias is None else layer.bias.detach().clone()
-        return cls(layer.in_features, layer.out_features, packed, bias)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # (out, in) in oneDNN's layout
+        biases = [layer.bias for layer in layers]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b.detach() if b is not None else weight.new_zeros(layer.out_features) for b, layer in zip(biases, layers)
+        ])
+        return cls(layers[0].in_features, weight.shape[0], packed, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != self.dtype:
@@ -122,4 +127,28 @@ def prepack(model: nn.Module) -> nn.Module:
     for name, layer in model.named_modules():
         if isinstance(layer, nn.Linear) and layer.weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"prepack needs float32 or bfloat16 weights, but {name} is {layer.weight.dtype}")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise ValueError("prepack works on CPU models; call model.to('cpu') first")
+    _fuse_projections(model)
     return replace_linears(model, PackedLinear.from_linear, "prepacked")
+
+
+def _fuse_projections(model: nn.Module) -> None:
+    """Pack the projections that read the same input as one product (in place): self-attention's
+    q | k | v, cross-attention's k | v and the gated feed-forward's wi_0 | wi_1. One wider product
+    instead of two or three saves a oneDNN call (about 12 us each) per projection in every
+    decoding step, and reads the input once."""
+    from .modeling import T5DenseGatedActDense, T5LayerCrossAttention, T5LayerSelfAttention
+
+    for module in list(model.modules()):
+        if isinstance(module, T5LayerSelfAttention) and isinstance(getattr(module.SelfAttention, "q", None), nn.Linear):
+            attn = module.SelfAttention
+            attn.qkv = PackedLinear.from_linear(attn.q, attn.k, attn.v)
+            del attn.q, attn.k, attn.v
+        elif isinstance(module, T5LayerCrossAttention) and isinstance(getattr(module.EncDecAttention, "k", None), nn.Linear):
+            attn = module.EncDecAttention
+            attn.kv = PackedLinear.from_linear(attn.k, attn.v)
+            del attn.k, attn.v
+        elif isinstance(module, T5DenseGatedActDense) and isinstance(getattr(module, "wi_0", None), nn.Linear):
+            module.wi_01 = PackedLinear.from_linear(module.wi_0, module.wi_1)
+            del module.wi_0, module.wi_1
