@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import t5kit
 from conftest import FAMILIES, VARIANTS, assert_rel_close, make_batch, tiny_model
 from t5kit.modeling import Linear
-from t5kit.packing import PackedLinear
+from t5kit.packing import PackedLinear, keep_freed_memory
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN backend")
 
@@ -126,3 +127,8 @@ def test_prepack_releases_the_checkpoint_file(tmp_path):
     assert mapped()  # loading maps the file; the parameters live in it
     t5kit.prepack(model)
     assert not mapped()  # so the released dense weights leave memory
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_applies_on_glibc():
+    assert keep_freed_memory()

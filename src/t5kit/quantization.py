@@ -89,11 +89,12 @@ class DynamicInt8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 dynamic"
 
 
-def quantize_dynamic(model: nn.Module) -> nn.Module:
+def quantize_dynamic(model: nn.Module, keep_memory: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`DynamicInt8Linear`.
 
     The model must be on the CPU in float32 (or bfloat16, computed in float32). Returns the model,
     in eval mode, for inference only: ``save_pretrained`` and training refuse it with a clear error.
+    ``keep_memory``: see :func:`t5kit.packing.keep_freed_memory` (process-wide allocator tuning).
 
     Example::
 
@@ -101,4 +102,4 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
         model = quantize_dynamic(model)
         model.generate(**inputs)
     """
-    return replace_linears(model, DynamicInt8Linear.from_linear, "int8-dynamic")
+    return replace_linears(model, DynamicInt8Linear.from_linear, "int8-dynamic", keep_memory=keep_memory)
