@@ -6,11 +6,11 @@
 Every system runs in its own subprocess on the same random checkpoint (written once by
 transformers), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
 
-  transformers[-bf16|-compile]   the reference eager in fp32 / bf16; -compile: static cache + torch.compile
+  transformers[-bf16|-compile]  the reference eager in fp32 / bf16; -compile: static cache + torch.compile
   t5kit[-bf16|-int8|-unpacked]  fp32 and bf16 with prepacked weights (t5kit.prepack, as `t5kit run` does),
-                                 int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
-  ctranslate2[-int8]             CTranslate2's converter and Translator (T5 vocabulary shapes only)
-  onnxruntime[-int8]             encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
+                                int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
+  ctranslate2[-int8]            CTranslate2's converter and Translator (T5 vocabulary shapes only)
+  onnxruntime[-int8]            encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
 
 Columns:
 

@@ -37,6 +37,17 @@ def test_layer_stores_int8_weights_and_stays_close(bias):
         q(torch.randn(2, 95))
 
 
+def test_fused_layers_give_the_separate_layers_results():
+    torch.manual_seed(0)
+    a, b = Linear(48, 40, bias=True), Linear(48, 24, bias=False)
+    x = torch.randn(3, 5, 48)
+    with torch.no_grad():
+        fused = DynamicInt8Linear.from_linear(a, b)(x)
+        separate = torch.cat([DynamicInt8Linear.from_linear(a)(x), DynamicInt8Linear.from_linear(b)(x)], dim=-1)
+    assert fused.shape == (3, 5, 64)
+    torch.testing.assert_close(fused, separate, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_model_logits_and_tokens_close_to_float(family, variant):

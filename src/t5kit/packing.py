@@ -8,9 +8,9 @@ at thousands. Decoding (a few rows per step), beam search and short encoder inpu
 
 ``prepack(model)`` replaces every linear layer by a :class:`PackedLinear` holding its weight in
 that layout (projections that read the same input, such as self-attention's q, k and v, become
-one wider product); the ordinary weight is released, so memory does not grow (except for a tied output
-projection, whose packed copy sits beside the input embedding that still needs the plain matrix).
-Values equal the unpacked model's to float32 rounding, so fp32 tokens are unchanged.
+one wider product); the ordinary weight is released, so memory does not grow (except for a tied
+output projection, whose packed copy sits beside the input embedding that still needs the plain
+matrix). Values equal the unpacked model's to float32 rounding, so fp32 tokens are unchanged.
 
 A prepacked model is for inference: it cannot be trained, saved or moved to another device or
 dtype (prepack after ``model.to(torch.bfloat16)``, and save the model you loaded instead).
@@ -26,7 +26,21 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["PackedLinear", "keep_freed_memory", "prepack", "refuse_training", "replace_linears"]
+__all__ = ["PackedLinear", "keep_freed_memory", "prepack", "refuse_training", "replace_linears", "stack_linears"]
+
+
+def stack_linears(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (sum of outs, in) and biases (or None) of layers that read the same input, as
+    one layer's (a single layer's own tensors, detached)."""
+    if len(layers) == 1:
+        bias = layers[0].bias
+        return layers[0].weight.detach(), None if bias is None else bias.detach().clone()
+    weight = torch.cat([layer.weight.detach() for layer in layers])
+    if all(layer.bias is None for layer in layers):
+        return weight, None
+    return weight, torch.cat([
+        layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features) for layer in layers
+    ])
 
 
 class PackedLinear(nn.Module):
@@ -47,7 +61,7 @@ class PackedLinear(nn.Module):
     def from_linear(cls, *layers: nn.Linear) -> "PackedLinear":
         """Pack ``layers``' weights (CPU, float32 or bfloat16), stacked along the outputs when several
         (layers reading the same input become one wider product; split its output to use them)."""
-        weight = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else layers[0].weight.detach()
+        weight, bias = stack_linears(layers)
         if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(
                 f"prepack needs float32 or bfloat16 weights on the CPU, got {weight.dtype} on {weight.device}"
@@ -55,10 +69,6 @@ class PackedLinear(nn.Module):
         if not torch.backends.mkldnn.is_available():
             raise RuntimeError("prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks")
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # (out, in) in oneDNN's layout
-        biases = [layer.bias for layer in layers]
-        bias = None if all(b is None for b in biases) else torch.cat([
-            b.detach() if b is not None else weight.new_zeros(layer.out_features) for b, layer in zip(biases, layers)
-        ])
         return cls(layers[0].in_features, weight.shape[0], packed, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,27 +150,25 @@ def refuse_training(layer: nn.Module, what: str) -> None:
 
 
 def replace_linears(
-    model: nn.Module,
-    make: Callable[[nn.Linear], nn.Module],
-    what: str,
-    pages: _FilePages | None = None,
-    keep_memory: bool = True,
+    model: nn.Module, make: Callable[..., nn.Module], what: str, keep_memory: bool = True
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` in place by ``make(layer)``; mark it inference-only.
 
-    Shared by :func:`prepack` and ``quantize_dynamic``. Each layer is converted and released before
-    the next, and its pages in a memory-mapped checkpoint are handed back, so peak memory grows by
-    about one layer. The model's remaining parameters stop
-    requiring gradients (so a plain ``model(**inputs)`` runs without ``torch.no_grad()``) and
-    ``model.inference_only`` names the conversion, which ``save_pretrained`` refuses. With
-    ``keep_memory``, :func:`keep_freed_memory` tunes the process's allocator for inference.
+    Shared by :func:`prepack` and ``quantize_dynamic``. Projections that read the same input become
+    one layer, ``make(*layers)`` (see :func:`_fuse_projections`). Each layer is converted and
+    released before the next, and its pages in a memory-mapped checkpoint are handed back, so peak
+    memory grows by about one layer. The model's remaining parameters stop requiring gradients (so a plain
+    ``model(**inputs)`` runs without ``torch.no_grad()``) and ``model.inference_only`` names the
+    conversion, which ``save_pretrained`` refuses. With ``keep_memory``, :func:`keep_freed_memory`
+    tunes the process's allocator for inference.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"{what} works on CPU models; call model.to('cpu') first")
-    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not targets:
+    if not any(isinstance(module, nn.Linear) for module in model.modules()):
         raise ValueError(f"the model has no linear layers left to convert (already {getattr(model, 'inference_only', 'converted')}?)")
-    pages = pages or _FilePages()
+    pages = _FilePages()
+    _fuse_projections(model, make, pages)
+    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -201,30 +209,28 @@ def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
             raise ValueError(f"prepack needs float32 or bfloat16 weights, but {name} is {layer.weight.dtype}")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("prepack works on CPU models; call model.to('cpu') first")
-    pages = _FilePages()
-    _fuse_projections(model, pages)
-    return replace_linears(model, PackedLinear.from_linear, "prepacked", pages, keep_memory)
+    return replace_linears(model, PackedLinear.from_linear, "prepacked", keep_memory=keep_memory)
 
 
-def _fuse_projections(model: nn.Module, pages: _FilePages) -> None:
-    """Pack the projections that read the same input as one product (in place): self-attention's
-    q | k | v, cross-attention's k | v and the gated feed-forward's wi_0 | wi_1. One wider product
-    instead of two or three saves a oneDNN call (about 12 us each) per projection in every
-    decoding step, and reads the input once."""
+def _fuse_projections(model: nn.Module, make: Callable[..., nn.Module], pages: _FilePages) -> None:
+    """Convert the projections that read the same input into one product, ``make(*layers)`` (in
+    place): self-attention's q | k | v, cross-attention's k | v and the gated feed-forward's
+    wi_0 | wi_1. One wider product instead of two or three saves a call (about 12 us each in
+    oneDNN) per projection in every decoding step, and reads the input once."""
     from .modeling import T5DenseGatedActDense, T5LayerCrossAttention, T5LayerSelfAttention
 
     for module in list(model.modules()):
         if isinstance(module, T5LayerSelfAttention) and isinstance(getattr(module.SelfAttention, "q", None), nn.Linear):
             attn = module.SelfAttention
-            attn.qkv = PackedLinear.from_linear(attn.q, attn.k, attn.v)
+            attn.qkv = make(attn.q, attn.k, attn.v)
             pages.release(attn.q.weight, attn.k.weight, attn.v.weight)
             del attn.q, attn.k, attn.v
         elif isinstance(module, T5LayerCrossAttention) and isinstance(getattr(module.EncDecAttention, "k", None), nn.Linear):
             attn = module.EncDecAttention
-            attn.kv = PackedLinear.from_linear(attn.k, attn.v)
+            attn.kv = make(attn.k, attn.v)
             pages.release(attn.k.weight, attn.v.weight)
             del attn.k, attn.v
         elif isinstance(module, T5DenseGatedActDense) and isinstance(getattr(module, "wi_0", None), nn.Linear):
-            module.wi_01 = PackedLinear.from_linear(module.wi_0, module.wi_1)
+            module.wi_01 = make(module.wi_0, module.wi_1)
             pages.release(module.wi_0.weight, module.wi_1.weight)
             del module.wi_0, module.wi_1

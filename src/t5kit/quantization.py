@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .packing import refuse_training, replace_linears
+from .packing import refuse_training, replace_linears, stack_linears
 
 __all__ = ["DynamicInt8Linear", "quantize_dynamic"]
 
@@ -54,14 +54,18 @@ class DynamicInt8Linear(nn.Module):
         self.reduce_range = reduce_range
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear) -> "DynamicInt8Linear":
-        """Quantize ``layer``'s weight symmetrically per output channel (scale = max |w| / 127)."""
+    def from_linear(cls, *layers: nn.Linear) -> "DynamicInt8Linear":
+        """Quantize ``layers``' weights symmetrically per output channel (scale = max |w| / 127),
+        stacked along the outputs when several (one product for layers that read the same input:
+        the per-channel scales, and the per-call activation scale of the shared input, are those
+        of the separate layers, so the results are the same)."""
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise RuntimeError("int8 quantization needs PyTorch's fbgemm engine (x86 CPUs); this build lacks it")
-        weight = layer.weight.detach().float().cpu()
+        weight, bias = stack_linears(layers)
+        weight = weight.float().cpu()
         scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
         zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-        bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+        bias = None if bias is None else bias.float().cpu()
         with warnings.catch_warnings():
             # Quantized tensors are only the carrier fbgemm's prepack takes; nothing else sees them.
             warnings.simplefilter("ignore", UserWarning)
@@ -73,7 +77,7 @@ class DynamicInt8Linear(nn.Module):
                     f"this PyTorch ({torch.__version__}) cannot prepack int8 weights for fbgemm ({err}); "
                     "use bfloat16 instead, or the torch version t5kit is tested with (2.13)"
                 ) from err
-        return cls(layer.in_features, layer.out_features, packed, reduce_range=not _has_vnni())
+        return cls(layers[0].in_features, weight.shape[0], packed, reduce_range=not _has_vnni())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
