@@ -157,13 +157,13 @@ def replace_linears(
     Shared by :func:`prepack` and ``quantize_dynamic``. Projections that read the same input become
     one layer, ``make(*layers)`` (see :func:`_fuse_projections`). Each layer is converted and
     released before the next, and its pages in a memory-mapped checkpoint are handed back, so peak
-    memory grows by about one layer. The model's remaining parameters stop requiring gradients (so a plain
-    ``model(**inputs)`` runs without ``torch.no_grad()``) and ``model.inference_only`` names the
-    conversion, which ``save_pretrained`` refuses. With ``keep_memory``, :func:`keep_freed_memory`
-    tunes the process's allocator for inference.
+    memory grows by about one layer. The model's remaining parameters stop requiring gradients (so
+    a plain ``model(**inputs)`` runs without ``torch.no_grad()``) and ``model.inference_only``
+    names the conversion, which ``save_pretrained`` refuses. With ``keep_memory``,
+    :func:`keep_freed_memory` tunes the process's allocator for inference.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError(f"{what} works on CPU models; call model.to('cpu') first")
+        raise ValueError(f"only CPU models can be converted ({what}); call model.to('cpu') first")
     if not any(isinstance(module, nn.Linear) for module in model.modules()):
         raise ValueError(f"the model has no linear layers left to convert (already {getattr(model, 'inference_only', 'converted')}?)")
     pages = _FilePages()
@@ -204,11 +204,10 @@ def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
         model = prepack(model)
         model.generate(**inputs)
     """
+    # Checked for every layer before any is converted, so a bad dtype never leaves a half-packed model.
     for name, layer in model.named_modules():
         if isinstance(layer, nn.Linear) and layer.weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"prepack needs float32 or bfloat16 weights, but {name} is {layer.weight.dtype}")
-    if any(p.device.type != "cpu" for p in model.parameters()):
-        raise ValueError("prepack works on CPU models; call model.to('cpu') first")
     return replace_linears(model, PackedLinear.from_linear, "prepacked", keep_memory=keep_memory)
 
 
