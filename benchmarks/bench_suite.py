@@ -103,12 +103,12 @@ def worker(system: str, model_dir: str, rounds: int, out_file: str) -> None:
     elif system.startswith("onnxruntime"):
         result = _onnxruntime(system, model_dir, rounds)
     else:
-        result = _torch_system(system, model_dir, rounds)
+        result = _torch_system(system, model_dir, rounds, out_file + ".logits.pt")
     result.setdefault("peak RSS MB", _peak_rss_mb())
     Path(out_file).write_text(json.dumps(result))
 
 
-def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]:
+def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) -> dict[str, object]:
     bf16 = system.endswith("-bf16")
     if system.startswith("transformers"):
         import transformers
@@ -143,12 +143,14 @@ def _torch_system(system: str, model_dir: str, rounds: int) -> dict[str, object]
                                                              num_beams=beams, **gen_kw),
             tokens_of=lambda seqs: seqs.tolist(),
         )
-        # Logits on a fixed teacher-forced batch, for the quality report.
+        out["peak RSS MB"] = _peak_rss_mb()  # after the generation cases, before the quality logits and training
+        # Logits on a fixed teacher-forced batch, for the quality report: a file, not JSON (an mT5
+        # batch holds 65M logits, gigabytes as Python floats in every process that reads them).
         ids, mask = _inputs(4, 64, 99)
         dec = torch.tensor(out["tokens"]["greedy b16"][:4])
-        out["logits"] = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float().tolist()
+        torch.save(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float(), logits_file)
+        out["logits"] = logits_file
     if system in ("t5kit", "transformers"):
-        out["peak RSS MB"] = _peak_rss_mb()  # before training, which needs more
         if system == "t5kit":  # a prepacked model is for inference: train the checkpoint as loaded
             del model
             model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
@@ -257,7 +259,6 @@ def main() -> None:
             print(f"  {system}: failed\n{run.stderr[-2000:]}")
             continue
         results[system] = json.loads(out.read_text())
-    shutil.rmtree(work, ignore_errors=True)
 
     base = results.get("transformers", {})
     print(f"\n{'system':18s}" + "".join(f"{c:>13s}" for c in COLUMNS))
@@ -278,9 +279,10 @@ def main() -> None:
             same = _share_equal(res.get("tokens", {}).get("greedy b16"), ref["tokens"]["greedy b16"])
             err = "-"
             if "logits" in res:
-                a, b = torch.tensor(res["logits"]), torch.tensor(ref["logits"])
+                a, b = torch.load(res["logits"]), torch.load(ref["logits"])
                 err = f"{float((a - b).abs().max() / b.abs().max()):.2e}"
             print(f"  {system:18s} tokens equal {same}   logit error {err}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _share_equal(a, b) -> str:

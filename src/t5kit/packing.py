@@ -155,7 +155,7 @@ def replace_linears(
     """Replace every ``nn.Linear`` of ``model`` in place by ``make(layer)``; mark it inference-only.
 
     Shared by :func:`prepack` and ``quantize_dynamic``. Projections that read the same input become
-    one layer, ``make(*layers)`` (see :func:`_fuse_projections`). Each layer is converted and
+    one layer, ``make(*layers)`` (see :func:`_conversion_groups`). Each layer is converted and
     released before the next, and its pages in a memory-mapped checkpoint are handed back, so peak
     memory grows by about one layer. The model's remaining parameters stop requiring gradients (so
     a plain ``model(**inputs)`` runs without ``torch.no_grad()``) and ``model.inference_only``
@@ -167,20 +167,19 @@ def replace_linears(
     if not any(isinstance(module, nn.Linear) for module in model.modules()):
         raise ValueError(f"the model has no linear layers left to convert (already {getattr(model, 'inference_only', 'converted')}?)")
     pages = _FilePages()
-    _fuse_projections(model, make, pages)
-    targets = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = getattr(parent, child)
-        setattr(parent, child, make(layer))
-        pages.release(layer.weight)
-    # The checkpoint file stays mapped while any of its tensors lives: copying the remaining ones
-    # (embeddings, norms, position tables) unmaps it, so the released weights leave memory.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            old, tensor.data = tensor.data, tensor.data.clone()
-            pages.release(old)
+    # Largest first: converting briefly holds a weight twice (the source and the converted copy),
+    # so the output projection (an mT5 head is 512 MB) goes while little else has been converted.
+    for owner, attr, names in sorted(_conversion_groups(model), key=lambda g: -_group_size(g)):
+        layers = [getattr(owner, name) for name in names]
+        converted = make(*layers)
+        for name in names:
+            if name != attr:
+                delattr(owner, name)
+        setattr(owner, attr, converted)
+        pages.release(*(layer.weight for layer in layers))
+    # The remaining tensors (embeddings, norms, position tables) stay where they are: in a
+    # memory-mapped checkpoint only their pages that are read become resident (an mT5 input
+    # embedding is 512 MB, of which a batch reads a few rows).
     model.eval()
     model.requires_grad_(False)
     model.inference_only = what
@@ -211,25 +210,38 @@ def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
     return replace_linears(model, PackedLinear.from_linear, "prepacked", keep_memory=keep_memory)
 
 
-def _fuse_projections(model: nn.Module, make: Callable[..., nn.Module], pages: _FilePages) -> None:
-    """Convert the projections that read the same input into one product, ``make(*layers)`` (in
-    place): self-attention's q | k | v, cross-attention's k | v and the gated feed-forward's
-    wi_0 | wi_1. One wider product instead of two or three saves a call (about 12 us each in
-    oneDNN) per projection in every decoding step, and reads the input once."""
+def _conversion_groups(model: nn.Module) -> list[tuple[nn.Module, str, list[str]]]:
+    """Every linear layer of ``model`` as (owner, new attribute, [layer attributes]): the layers are
+    converted together into ``owner.<new attribute>``.
+
+    Projections that read the same input become one product: self-attention's q | k | v (into
+    ``qkv``), cross-attention's k | v (``kv``) and the gated feed-forward's wi_0 | wi_1 (``wi_01``).
+    One wider product instead of two or three saves a call (about 12 us each in oneDNN) per
+    projection in every decoding step, and reads the input once. Every other layer is its own group.
+    """
     from .modeling import T5DenseGatedActDense, T5LayerCrossAttention, T5LayerSelfAttention
 
-    for module in list(model.modules()):
-        if isinstance(module, T5LayerSelfAttention) and isinstance(getattr(module.SelfAttention, "q", None), nn.Linear):
-            attn = module.SelfAttention
-            attn.qkv = make(attn.q, attn.k, attn.v)
-            pages.release(attn.q.weight, attn.k.weight, attn.v.weight)
-            del attn.q, attn.k, attn.v
-        elif isinstance(module, T5LayerCrossAttention) and isinstance(getattr(module.EncDecAttention, "k", None), nn.Linear):
-            attn = module.EncDecAttention
-            attn.kv = make(attn.k, attn.v)
-            pages.release(attn.k.weight, attn.v.weight)
-            del attn.k, attn.v
-        elif isinstance(module, T5DenseGatedActDense) and isinstance(getattr(module, "wi_0", None), nn.Linear):
-            module.wi_01 = make(module.wi_0, module.wi_1)
-            pages.release(module.wi_0.weight, module.wi_1.weight)
-            del module.wi_0, module.wi_1
+    groups: list[tuple[nn.Module, str, list[str]]] = []
+    fused: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, T5LayerSelfAttention):
+            owner, attr, names = module.SelfAttention, "qkv", ["q", "k", "v"]
+        elif isinstance(module, T5LayerCrossAttention):
+            owner, attr, names = module.EncDecAttention, "kv", ["k", "v"]
+        elif isinstance(module, T5DenseGatedActDense):
+            owner, attr, names = module, "wi_01", ["wi_0", "wi_1"]
+        else:
+            continue
+        if all(isinstance(getattr(owner, name, None), nn.Linear) for name in names):
+            groups.append((owner, attr, names))
+            fused.update(id(getattr(owner, name)) for name in names)
+    for owner in model.modules():
+        for name, child in owner.named_children():
+            if isinstance(child, nn.Linear) and id(child) not in fused:
+                groups.append((owner, name, [name]))
+    return groups
+
+
+def _group_size(group: tuple[nn.Module, str, list[str]]) -> int:
+    owner, _, names = group
+    return sum(getattr(owner, name).weight.numel() for name in names)
