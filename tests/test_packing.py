@@ -138,8 +138,8 @@ def test_prepack_hands_back_the_checkpoint_pages_of_converted_weights(tmp_path):
         p.sum()
     assert _resident_kb(file) >= linear_kb
     t5kit.prepack(model)
-    # The converted weights' pages are reclaimed; the embeddings and norms (here 0.3 MB of the
-    # file's 13 MB) stay mapped, resident only where read.
+    # The converted weights' pages are reclaimed; the embeddings and norms (0.3 MB of the file's
+    # 23 MB here) stay mapped, resident only where read.
     assert _resident_kb(file) < linear_kb // 10
     ids, mask, dec = make_batch(256)
     assert model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.isfinite().all()
