@@ -222,7 +222,7 @@ def _conversion_groups(model: nn.Module) -> list[tuple[nn.Module, str, list[str]
     from .modeling import T5DenseGatedActDense, T5LayerCrossAttention, T5LayerSelfAttention
 
     groups: list[tuple[nn.Module, str, list[str]]] = []
-    fused: set[int] = set()
+    taken: set[int] = set()  # ids of layers already in a group (a layer shared by two owners converts once)
     for module in model.modules():
         if isinstance(module, T5LayerSelfAttention):
             owner, attr, names = module.SelfAttention, "qkv", ["q", "k", "v"]
@@ -234,11 +234,12 @@ def _conversion_groups(model: nn.Module) -> list[tuple[nn.Module, str, list[str]
             continue
         if all(isinstance(getattr(owner, name, None), nn.Linear) for name in names):
             groups.append((owner, attr, names))
-            fused.update(id(getattr(owner, name)) for name in names)
+            taken.update(id(getattr(owner, name)) for name in names)
     for owner in model.modules():
         for name, child in owner.named_children():
-            if isinstance(child, nn.Linear) and id(child) not in fused:
+            if isinstance(child, nn.Linear) and id(child) not in taken:
                 groups.append((owner, name, [name]))
+                taken.add(id(child))
     return groups
 
 
