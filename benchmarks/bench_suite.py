@@ -272,7 +272,7 @@ def main() -> None:
     base = results.get("transformers", {})
     print(f"\n{'system':18s}" + "".join(f"{c:>13s}" for c in COLUMNS))
     for system, res in results.items():
-        cells = [f"{res[c]:13.1f}" if isinstance(res.get(c), (int, float)) else f"{'-':>13s}" for c in COLUMNS]
+        cells = [f"{res[c]:13.{3 if c == 'train' else 1}f}" if isinstance(res.get(c), (int, float)) else f"{'-':>13s}" for c in COLUMNS]
         print(f"{system:18s}" + "".join(cells))
     print("\nratio to transformers fp32 (> 1 is faster; peak RSS: < 1 is smaller)")
     for system, res in results.items():
