@@ -262,12 +262,13 @@ def main() -> None:
                 print(f"  {system}: skipped (pip install onnxruntime onnx)")
                 continue
         result = _run_worker(system, work, args.rounds)
-        if result is not None and system == "t5kit":
+        if result is None:
+            continue
+        if system == "t5kit":  # its training column comes from a worker of its own
             train = _run_worker("t5kit-train", work, args.rounds)
             if train is not None:
                 result["train"] = train["train"]
-        if result is not None:
-            results[system] = result
+        results[system] = result
 
     base = results.get("transformers", {})
     print(f"\n{'system':18s}" + "".join(f"{c:>13s}" for c in COLUMNS))

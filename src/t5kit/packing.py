@@ -164,12 +164,13 @@ def replace_linears(
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"only CPU models can be converted ({what}); call model.to('cpu') first")
-    if not any(isinstance(module, nn.Linear) for module in model.modules()):
+    groups = _conversion_groups(model)
+    if not groups:
         raise ValueError(f"the model has no linear layers left to convert (already {getattr(model, 'inference_only', 'converted')}?)")
     pages = _FilePages()
     # Largest first: converting briefly holds a weight twice (the source and the converted copy),
     # so the output projection (an mT5 head is 512 MB) goes while little else has been converted.
-    for owner, attr, names in sorted(_conversion_groups(model), key=lambda g: -_group_size(g)):
+    for owner, attr, names in sorted(groups, key=lambda g: -_group_size(g)):
         layers = [getattr(owner, name) for name in names]
         converted = make(*layers)
         for name in names:
