@@ -9,6 +9,8 @@ transformers), measuring tokens/s (higher is better). Systems (--systems, comma-
   transformers[-bf16|-compile]  the reference eager in fp32 / bf16; -compile: static cache + torch.compile
   t5kit[-bf16|-int8|-unpacked]  fp32 and bf16 with prepacked weights (t5kit.prepack, as `t5kit run` does),
                                 int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
+  t5kit[-bf16]-static           the same, generating with cache_implementation="static" (the decoding
+                                step captured by torch.compile; compiled in the warm-up round)
   ctranslate2[-int8]            CTranslate2's converter and Translator (T5 vocabulary shapes only)
   onnxruntime[-int8]            encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
 
@@ -46,7 +48,8 @@ from bench_generate import SHAPES, _median_time as _median  # noqa: E402
 
 VOCAB = HERE.parents[1] / "shared" / "data" / "t5-vocab"
 COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8", "train", "peak RSS MB"]
-SYSTEMS = ["transformers", "transformers-bf16", "transformers-compile", "t5kit", "t5kit-unpacked", "t5kit-bf16", "t5kit-int8",
+SYSTEMS = ["transformers", "transformers-bf16", "transformers-compile", "t5kit", "t5kit-static", "t5kit-unpacked", "t5kit-bf16",
+           "t5kit-bf16-static", "t5kit-int8",
            "ctranslate2", "ctranslate2-int8", "onnxruntime", "onnxruntime-int8"]
 GEN_CASES = (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4))
 NEW_TOKENS = 64
@@ -116,6 +119,8 @@ def worker(system: str, model_dir: str, rounds: int, out_file: str) -> None:
 
 
 def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) -> dict[str, object]:
+    static = system.endswith("-static")
+    system = system.removesuffix("-static")
     bf16 = system.endswith("-bf16")
     if system.startswith("transformers"):
         import transformers
@@ -134,6 +139,8 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
 
         model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
         gen_kw = {"eos_token_id": None}
+        if static:
+            gen_kw["cache_implementation"] = "static"
         if system.endswith("-int8"):
             model = t5kit.quantize_dynamic(model)
     if bf16:

@@ -40,3 +40,33 @@ def test_reorder_selects_rows() -> None:
     assert cache.self_keys[0].flatten().tolist() == [2.0, 2.0, 0.0]
     with pytest.raises(ValueError, match="positive"):
         EncoderDecoderCache(1, max_length=0)
+
+
+def test_static_cache_writes_at_its_position_tensor() -> None:
+    cache = EncoderDecoderCache(num_layers=1, max_length=4, static=True)
+    a = torch.ones(1, 1, 2, 3)
+    k, v = cache.update(0, a, -a)
+    cache.advance(2)
+    # Every position comes back, the unwritten ones zero (masked by the decoder, finite in the scores).
+    assert k.shape == (1, 1, 4, 3) and torch.equal(k[:, :, :2], a) and torch.equal(v[:, :, :2], -a)
+    assert not k[:, :, 2:].any()
+    assert cache.position is not None and cache.position.dim() == 0 and cache.get_seq_length() == 2
+    b = torch.full((1, 1, 1, 3), 2.0)
+    k, _ = cache.update(0, b, b)
+    cache.advance(1)
+    assert torch.equal(k[:, :, 2:3], b) and cache.self_keys[0] is k and cache.get_seq_length() == 3
+    cache.update(0, b, b)
+    cache.advance(1)
+    with pytest.raises(ValueError, match="preallocated for 4 positions"):
+        cache.update(0, b, b)
+    with pytest.raises(ValueError, match="needs max_length"):
+        EncoderDecoderCache(1, static=True)
+
+
+def test_static_cache_reorders_every_position() -> None:
+    cache = EncoderDecoderCache(num_layers=1, max_length=3, static=True)
+    x = torch.arange(3.0).view(3, 1, 1, 1)
+    cache.update(0, x, x)
+    cache.advance(1)
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    assert cache.self_keys[0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]

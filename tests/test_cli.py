@@ -74,6 +74,15 @@ def test_inference_commands_prepack_cpu_weights(checkpoint):
     assert pipe(texts, max_new_tokens=6) == plain(texts, max_new_tokens=6)
 
 
+def test_run_static_cache_equals_the_default(checkpoint):
+    texts = [t for t in TEXTS if t][:2]
+    default = cli("run", "--model", checkpoint, "--max-new-tokens", 6, stdin="\n".join(texts) + "\n")
+    static = cli("run", "--model", checkpoint, "--max-new-tokens", 6, "--cache-implementation", "static",
+                 stdin="\n".join(texts) + "\n")
+    assert default.returncode == 0 and static.returncode == 0, static.stderr
+    assert static.stdout == default.stdout and len(static.stdout.splitlines()) == 2
+
+
 def test_run_feature_extraction_prints_json(checkpoint):
     out = cli("run", "--task", "feature-extraction", "--model", checkpoint, stdin="hello\n")
     assert out.returncode == 0, out.stderr

@@ -8,6 +8,7 @@ and one test shows that without this the reference's beams differ.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -227,6 +228,44 @@ def test_beams_share_encoder_keys(pair):
     cache = out.past_key_values
     assert cache.cross_keys[0].shape[0] == len(ids)
     assert cache.self_keys[0].shape[0] == len(ids) * 4
+
+
+# ------------------------------------------------------------------------------------------------
+# cache_implementation="static": the step on a static cache, compiled.
+
+
+@pytest.mark.parametrize("family", ["T5", "UMT5"])
+def test_static_cache_and_compiled_step_give_the_eager_tokens(pair, family):
+    """Greedy with eos (rows finish at different steps), beams, and a decoder prompt: the static
+    cache run eagerly and its compiled step both give the growing cache's tokens and scores."""
+    _, ours = pair(family, "gated_untied")
+    ids, mask = batch_for("gated_untied")
+    eos = frequent_eos(ours, ids, mask)
+    prompt = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2)
+    cases = [dict(eos_token_id=eos), dict(num_beams=3, eos_token_id=eos), dict(decoder_input_ids=prompt)]
+    captured = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for kw in cases:
+        kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=7, return_dict_in_generate=True, output_scores=True, **kw)
+        eager = ours.generate(**kw)
+        for static in (ours.generate(**kw, cache_implementation="static", disable_compile=True),
+                       ours.generate(**kw, cache_implementation="static")):
+            assert torch.equal(static.sequences, eager.sequences), kw
+            for a, b in zip(static.scores, eager.scores):
+                finite = b.isfinite()
+                assert torch.equal(finite, a.isfinite()) and torch.allclose(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > captured  # the step was compiled, not run eagerly
+
+
+def test_static_cache_runs_untraceable_layers_eagerly(pair):
+    """int8 layers hold a TorchScript object torch.compile cannot trace: the step runs eagerly on
+    the static cache, with a warning, and gives the int8 model's tokens."""
+    _, ours = pair("T5", "gated_untied")
+    quantized = t5kit.quantize_dynamic(copy.deepcopy(ours))
+    ids, mask = batch_for("gated_untied")
+    expected = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
+    with pytest.warns(UserWarning, match="DynamicInt8Linear"):
+        got = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static")
+    assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------------------------------------

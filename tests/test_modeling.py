@@ -163,8 +163,10 @@ def test_left_and_right_padding_give_same_result(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("max_length", [None, 16])
+@pytest.mark.parametrize("max_length", [None, 16, "static"])
 def test_incremental_decoding_equals_full_forward(family: str, max_length, tmp_path) -> None:
+    """Growing, preallocated and static caches (static: the step position is a tensor and every
+    step attends over all 16 positions, the unwritten ones masked)."""
     variant = "gated_untied" if family == "MT5" else "relu_tied"  # where the reference's head is right
     save_hf_model(family, "ForConditionalGeneration", variant, tmp_path)
     ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(tmp_path)
@@ -174,7 +176,8 @@ def test_incremental_decoding_equals_full_forward(family: str, max_length, tmp_p
         full = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
         ref_full = ref_model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
         enc = ours.get_encoder()(input_ids=ids, attention_mask=mask)
-        cache = t5kit.EncoderDecoderCache(ours.config.num_decoder_layers, max_length=max_length)
+        static = max_length == "static"
+        cache = t5kit.EncoderDecoderCache(ours.config.num_decoder_layers, max_length=16 if static else max_length, static=static)
         steps = []
         for t in range(dec.shape[1]):
             out = ours(encoder_outputs=(enc.last_hidden_state,), attention_mask=mask,

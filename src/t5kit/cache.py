@@ -8,6 +8,13 @@ layer, and each step writes in place: no reallocation or concatenation in the de
 decoder's relative position bias is then also built once, as an (1, H, max_length, max_length)
 table per bias-owning layer, and each step takes a slice of it instead of rebuilding the bias.
 Without ``max_length``, steps are concatenated (the reference's dynamic cache behaviour).
+
+``static=True`` (``generate(cache_implementation="static")``) goes one step further, for
+``torch.compile``: nothing in a step depends on a Python number that changes between steps. The
+write position is a tensor (``position``); every step attends over all ``max_length`` cached
+positions, the ones not yet written masked out (their zero-initialised keys add exact zeros to the
+softmax, so values equal the growing cache's); the position bias is gathered from the table by
+that tensor. One captured graph then serves every step of a generation.
 """
 
 from __future__ import annotations
@@ -23,11 +30,16 @@ class EncoderDecoderCache:
     Args:
         num_layers: Decoder depth.
         max_length: If given, preallocate self-attention buffers for this many positions.
+        static: Keep the step position in a tensor and attend over all ``max_length`` positions
+            (static shapes for ``torch.compile``); needs ``max_length``.
     """
 
-    def __init__(self, num_layers: int, max_length: int | None = None) -> None:
+    def __init__(self, num_layers: int, max_length: int | None = None, static: bool = False) -> None:
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_length must be a positive integer, got {max_length}")
+        if static and max_length is None:
+            raise ValueError("A static cache needs max_length (the number of positions to preallocate)")
+        self.static = static
         self.num_layers = num_layers
         self.max_length = max_length
         self.self_keys: list[torch.Tensor | None] = [None] * num_layers
@@ -37,16 +49,28 @@ class EncoderDecoderCache:
         self._length = 0  # positions written and committed by `advance`
         # layer index -> (1, H, max_length, max_length) position bias, filled by the decoder stack.
         self.position_bias_tables: dict[int, torch.Tensor] = {}
+        # Static caches: () long, positions written so far, on the model's device (made at the first step).
+        self.position: torch.Tensor | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of decoder positions already in the cache."""
+        if self.static:
+            return 0 if self.position is None else int(self.position)  # a host sync: not for the step itself
         return self._length
+
+    def query_positions(self, num_queries: int, device: torch.device) -> torch.Tensor:
+        """Static caches: (T,) positions of the next ``num_queries`` queries, as a tensor."""
+        if self.position is None:
+            self.position = torch.zeros((), dtype=torch.long, device=device)
+        return self.position + torch.arange(num_queries, device=device)
 
     def __len__(self) -> int:
         return self.num_layers
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append this step's self-attention key/value (B, H, T, D); return all so far (B, H, L+T, D)."""
+        if self.static:
+            return self._update_static(layer_idx, key, value)
         start, end = self._length, self._length + key.shape[2]
         if self.max_length is None:
             old_k, old_v = self.self_keys[layer_idx], self.self_values[layer_idx]
@@ -69,8 +93,34 @@ class EncoderDecoderCache:
         buf_v[:, :, start:end] = value
         return buf_k[:, :, :end], buf_v[:, :, :end]
 
+    def _update_static(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write at the tensor position; return the whole (B, H, max_length, D) buffers."""
+        assert self.max_length is not None
+        buf_k, buf_v = self.self_keys[layer_idx], self.self_values[layer_idx]
+        if buf_k is None or buf_v is None:
+            b, h, _, d = key.shape
+            # Zeros, not empty: unwritten positions still enter the scores (masked), and garbage may be NaN.
+            buf_k = key.new_zeros(b, h, self.max_length, d)
+            buf_v = value.new_zeros(b, h, self.max_length, d)
+            self.self_keys[layer_idx], self.self_values[layer_idx] = buf_k, buf_v
+        if layer_idx == 0 and not torch.compiler.is_compiling():  # eager: check the bounds (one host sync)
+            end = self.get_seq_length() + key.shape[2]
+            if end > self.max_length:
+                raise ValueError(
+                    f"The decoder cache was preallocated for {self.max_length} positions but position {end} "
+                    "was requested; create the cache with a larger max_length"
+                )
+        index = self.query_positions(key.shape[2], key.device)  # (T,)
+        buf_k.index_copy_(2, index, key)
+        buf_v.index_copy_(2, index, value)
+        return buf_k, buf_v
+
     def advance(self, num_positions: int) -> None:
         """Commit ``num_positions`` new positions once every layer has written them."""
+        if self.static:
+            assert self.position is not None
+            self.position.add_(num_positions)  # in place: a compiled step mutates its input, no new guard
+            return
         self._length += num_positions
 
     def has_cross(self, layer_idx: int) -> bool:
@@ -90,7 +140,7 @@ class EncoderDecoderCache:
         Cross-attention keys/values are left alone: beams of one input share them (the attention
         layer groups a row's beams against its single copy of the encoder keys).
         """
-        n = self._length
+        n = self.max_length if self.static else self._length
         for i in range(self.num_layers):
             k, v = self.self_keys[i], self.self_values[i]
             if k is None or v is None:

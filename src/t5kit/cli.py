@@ -37,6 +37,8 @@ _GENERATION_OPTIONS: tuple[tuple[str, type, str], ...] = (
     ("repetition_penalty", float, "penalise tokens already generated"),
     ("no_repeat_ngram_size", int, "never repeat an n-gram of this size"),
     ("seed", int, "random seed for sampling"),
+    ("cache_implementation", str, "'static': decode with a static cache and a step compiled by torch.compile "
+     "(faster at batch 1 once compiled; each new batch/length shape compiles first)"),
 )
 
 

@@ -25,7 +25,7 @@ clamped to the finite float16 range (one helper, ``_clamp_fp16``). Prefer bfloat
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -139,8 +139,23 @@ ONEDNN_LINEAR: bool = _onednn_available()
 
 
 def _dnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight.T + bias`` by oneDNN; any leading shape, strided operands allowed."""
+    """``x @ weight.T + bias`` by oneDNN; any leading shape, strided operands allowed. ``weight`` may
+    be prepacked (``t5kit.prepack``)."""
+    if torch.compiler.is_compiling():
+        # Inductor would lower the oneDNN op only for weights frozen into the graph; as an opaque
+        # custom op it is called as it is, from the weights the module holds.
+        return torch.ops.t5kit.dnn_linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("t5kit::dnn_linear", mutates_args=())
+def _dnn_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_dnn_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 class _DnnLinearFunction(torch.autograd.Function):
@@ -270,8 +285,10 @@ def attend(
     q: (B, H, T, D); k, v: (B, H, K, D); bias: additive, broadcastable to (B, H, T, K), holding
     the relative position bias and the masks. Returns (B, H, T, D) and, if asked, the weights.
     """
-    if not need_weights:
+    if not need_weights and not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0), None
+    # Compiled (or weights wanted): the plain maths, which inductor fuses with the bias and the cache
+    # write into one loop, where the fused CPU kernel would be a call of its own (~10 us at one query).
     scores = torch.matmul(q, k.transpose(-1, -2))
     if bias is not None:
         scores = scores + bias
@@ -457,7 +474,8 @@ class T5Stack(nn.Module):
         """(1, H, T, K) relative position bias for queries past..past+T-1 over keys 0..K-1.
 
         ``buckets`` (T, K) is None when decoding with a preallocated cache: then the whole
-        (1, H, L, L) table is built once per layer and each step takes a slice of it.
+        (1, H, L, L) table is built once per layer and each step takes a slice of it (a static
+        cache: the rows of its query positions, K = L).
         """
         if buckets is not None or cache is None or cache.max_length is None:
             assert buckets is not None
@@ -467,6 +485,8 @@ class T5Stack(nn.Module):
             n = cache.max_length
             table = attn.position_bias(self._buckets(n, n, 0, attn.relative_attention_bias.weight.device)).to(dtype)
             cache.position_bias_tables[layer_idx] = table
+        if cache.static:  # rows gathered by the position tensor, every key column
+            return table.index_select(2, cache.query_positions(t, table.device))
         return table[:, :, past : past + t, :k]
 
     def _packed_biases(
@@ -498,10 +518,16 @@ class T5Stack(nn.Module):
         return buckets, mask, cross
 
     def _mask_bias(
-        self, attention_mask: torch.Tensor | None, t: int, k: int, past: int, dtype: torch.dtype, device: torch.device
+        self, attention_mask: torch.Tensor | None, t: int, k: int, past: int, dtype: torch.dtype, device: torch.device,
+        cache: EncoderDecoderCache | None = None,
     ) -> torch.Tensor | None:
         """Additive (B|1, 1, T|1, K) bias from the padding mask, and the causal mask in a decoder."""
         bias = _padding_bias(attention_mask, dtype)
+        if cache is not None and cache.static:
+            # Every key column is there: mask those after each query, written or not yet (K = L).
+            future = torch.arange(k, device=device)[None, :] > cache.query_positions(t, device)[:, None]  # (T, K)
+            causal = torch.zeros(t, k, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)
+            return causal[None, None] if bias is None else bias + causal
         if self.is_decoder and t > 1:  # one new query may see every key so far: nothing to mask
             future = torch.arange(k, device=device)[None, :] > torch.arange(past, past + t, device=device)[:, None]
             causal = torch.zeros(t, k, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)
@@ -526,18 +552,23 @@ class T5Stack(nn.Module):
         decoder also needs ``encoder_segment_ids`` (B, S) for cross-attention."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
         b, t, _ = x.shape
-        past = cache.get_seq_length() if cache is not None else 0
-        k = past + t
+        static = cache is not None and cache.static
+        # A static cache's step reads no changing Python number (its position is a tensor): K = L.
+        past = cache.get_seq_length() if cache is not None and not static else 0
+        k = cache.max_length if static else past + t  # type: ignore[union-attr]
         if attention_mask is not None and attention_mask.shape[1] != k:
             raise ValueError(
                 f"The {'decoder_' if self.is_decoder else ''}attention_mask covers {attention_mask.shape[1]} "
-                f"positions but there are {k} ({past} cached + {t} new); pass a mask over all positions"
+                f"positions but there are {k} ({'static cache length' if static else f'{past} cached + {t} new'}); "
+                "pass a mask over all positions"
             )
+        if static and segment_ids is not None:
+            raise ValueError("Packed rows (segment ids) cannot be decoded with a static cache")
         dtype, device = x.dtype, x.device
         # Without grad, a preallocated cache serves the bias from its table; otherwise buckets once per call.
-        use_table = cache is not None and cache.max_length is not None and not torch.is_grad_enabled()
+        use_table = cache is not None and cache.max_length is not None and (static or not torch.is_grad_enabled())
         buckets = None if use_table else self._buckets(t, k, past, device)
-        mask_bias = self._mask_bias(attention_mask, t, k, past, dtype, device)
+        mask_bias = self._mask_bias(attention_mask, t, k, past, dtype, device, cache)
         cross_bias = _padding_bias(encoder_attention_mask, dtype) if self.is_decoder else None
         if segment_ids is not None:
             if cache is not None and past:

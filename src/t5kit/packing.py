@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .modeling import _dnn_linear
+
 __all__ = ["PackedLinear", "keep_freed_memory", "prepack", "refuse_training", "replace_linears", "stack_linears"]
 
 
@@ -82,7 +84,7 @@ class PackedLinear(nn.Module):
         refuse_training(self, "a prepacked model")
         if x.numel() == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
+        return _dnn_linear(x, self._packed, self._bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, prepacked"

@@ -46,6 +46,8 @@ class DynamicInt8Linear(nn.Module):
     are computed in float32 and cast back).
     """
 
+    compile_safe = False  # fbgemm's packed weight is a TorchScript object that torch.compile cannot trace
+
     def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, reduce_range: bool) -> None:
         super().__init__()
         self.in_features = in_features
