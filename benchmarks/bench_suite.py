@@ -1,7 +1,7 @@
 """The CPU benchmark table: t5kit against transformers, CTranslate2 and ONNX Runtime, one command.
 
     pip install -e ".[bench]"
-    python benchmarks/bench_suite.py [--shape t5-small] [--rounds 3] [--systems ...]
+    python benchmarks/bench_suite.py [--shape t5-small] [--rounds 3] [--repeats 1] [--systems ...]
 
 Every system runs in its own subprocess on the same random checkpoint (written once by
 transformers), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
@@ -23,7 +23,10 @@ Columns:
                              (t5kit: the checkpoint as loaded, in a process of its own)
   peak RSS                   the process's peak resident memory after the generation cases
 
-Medians of --rounds. Ratios are against transformers fp32 measured in the same run. For the fast
+Medians of --rounds. Ratios are against transformers fp32 measured in the same run. This machine's
+speed drifts by 20-30% within minutes (other tenants share its memory bandwidth), so single cells
+of one run are rough: --repeats N runs every system N times, alternating their order, and reports
+each cell's median and each ratio's median over the repeats (training: the first repeat). For the fast
 modes, quality against t5kit fp32 is printed too: the largest logit error relative to the largest
 logit, and the share of greedy b16 tokens equal to fp32's.
 """
@@ -34,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,6 +234,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-small")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every system this many times, alternating their order; cells are medians over "
+                             "the repeats, ratios medians of each repeat's own ratio (this machine's speed drifts)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -251,7 +258,7 @@ def main() -> None:
             shutil.copy(VOCAB / name, Path(work) / name)
     print(f"{args.shape} shape, random weights; {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}; tokens/s (train: steps/s), median of {args.rounds}")
-    results: dict[str, dict] = {}
+    systems = []
     for system in args.systems.split(","):
         if system.startswith("ctranslate2"):
             try:
@@ -268,26 +275,30 @@ def main() -> None:
             except ImportError:
                 print(f"  {system}: skipped (pip install onnxruntime onnx)")
                 continue
-        result = _run_worker(system, work, args.rounds)
-        if result is None:
-            continue
-        if system == "t5kit":  # its training column comes from a worker of its own
-            train = _run_worker("t5kit-train", work, args.rounds)
-            if train is not None:
-                result["train"] = train["train"]
-        results[system] = result
+        systems.append(system)
+    runs: list[dict[str, dict]] = []
+    for repeat in range(args.repeats):
+        run: dict[str, dict] = {}
+        for system in systems if repeat % 2 == 0 else systems[::-1]:  # drift hits the systems alike
+            result = _run_worker(system, work, args.rounds, tag=str(repeat))
+            if result is None:
+                continue
+            if system == "t5kit" and repeat == 0:  # its training column, from a worker of its own, once
+                train = _run_worker("t5kit-train", work, args.rounds, tag=str(repeat))
+                if train is not None:
+                    result["train"] = train["train"]
+            run[system] = result
+        runs.append(run)
+    results, ratios = _combine(runs, [s for s in systems if any(s in run for run in runs)])
 
-    base = results.get("transformers", {})
     print(f"\n{'system':18s}" + "".join(f"{c:>13s}" for c in COLUMNS))
     for system, res in results.items():
         cells = [f"{res[c]:13.{3 if c == 'train' else 1}f}" if isinstance(res.get(c), (int, float)) else f"{'-':>13s}" for c in COLUMNS]
         print(f"{system:18s}" + "".join(cells))
-    print("\nratio to transformers fp32 (> 1 is faster; peak RSS: < 1 is smaller)")
-    for system, res in results.items():
-        cells = []
-        for c in COLUMNS:
-            a, b = res.get(c), base.get(c)
-            cells.append(f"{a / b:12.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else f"{'-':>13s}")
+    print("\nratio to transformers fp32 (> 1 is faster; peak RSS: < 1 is smaller)"
+          + (f"; median of {args.repeats} repeats' ratios" if args.repeats > 1 else ""))
+    for system in results:
+        cells = [f"{ratios[system][c]:12.2f}x" if c in ratios[system] else f"{'-':>13s}" for c in COLUMNS]
         print(f"{system:18s}" + "".join(cells))
     ref = results.get("t5kit")
     if ref:
@@ -302,9 +313,31 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _run_worker(system: str, work: str, rounds: int) -> dict | None:
+def _combine(runs: list[dict[str, dict]], systems: list[str]) -> tuple[dict[str, dict], dict[str, dict[str, float]]]:
+    """Per system: each column's median over the repeats (with the last repeat's tokens and logits for
+    the quality report), and each column's median of the repeats' ratios to transformers fp32."""
+    results: dict[str, dict] = {}
+    ratios: dict[str, dict[str, float]] = {}
+    for system in systems:
+        present = [run[system] for run in runs if system in run]
+        merged = dict(present[-1])
+        ratios[system] = {}
+        for c in COLUMNS:
+            values = [r[c] for r in present if isinstance(r.get(c), (int, float))]
+            if values:
+                merged[c] = statistics.median(values)
+            pairs = [run[system][c] / run["transformers"][c] for run in runs
+                     if system in run and "transformers" in run and isinstance(run[system].get(c), (int, float))
+                     and isinstance(run["transformers"].get(c), (int, float)) and run["transformers"][c]]
+            if pairs:
+                ratios[system][c] = statistics.median(pairs)
+        results[system] = merged
+    return results, ratios
+
+
+def _run_worker(system: str, work: str, rounds: int, tag: str = "") -> dict | None:
     """Measure ``system`` in its own process; None (and the error printed) if it failed."""
-    out = Path(work) / f"{system}.json"
+    out = Path(work) / f"{system}{tag}.json"
     cmd = [sys.executable, __file__, "--worker", system, "--model-dir", work, "--rounds", str(rounds), "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
