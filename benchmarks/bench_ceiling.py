@@ -69,9 +69,10 @@ def main() -> None:
     print(f"{args.shape} shape; {torch.get_num_threads()} threads; read bandwidth {bw:.1f} GB/s; "
           f"batch 1, 64-token input, {args.new_tokens} new tokens, median of {args.rounds}")
     ids = torch.randint(2, 32000, (1, 64), generator=torch.Generator().manual_seed(1))
-    for mode, width in (("fp32 unpacked", 4), ("fp32", 4), ("bf16", 2), ("int8", 1)):
+    modes = (("fp32 unpacked", 4), ("fp32", 4), ("fp32 static", 4), ("bf16", 2), ("bf16 static", 2), ("int8", 1))
+    for mode, width in modes:
         model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(work)
-        if mode == "bf16":
+        if mode.startswith("bf16"):
             model = model.to(torch.bfloat16)
         if mode == "int8":
             model = t5kit.quantize_dynamic(model)
@@ -79,9 +80,10 @@ def main() -> None:
             model = t5kit.prepack(model)
         nbytes = step_weight_bytes(model, width)
         floor_ms = nbytes / (bw * 1e9) * 1e3
+        cache = "static" if mode.endswith("static") else None
         with torch.inference_mode():
-            t, _ = _median_time(lambda: model.generate(input_ids=ids, max_new_tokens=args.new_tokens, eos_token_id=None),
-                                args.rounds)
+            t, _ = _median_time(lambda: model.generate(input_ids=ids, max_new_tokens=args.new_tokens, eos_token_id=None,
+                                                       cache_implementation=cache), args.rounds)
         step_ms = t / args.new_tokens * 1e3
         print(f"  {mode:13s}: {nbytes / 1e6:6.1f} MB of weights per step, floor {floor_ms:5.2f} ms, measured {step_ms:5.2f} ms "
               f"per token = {step_ms / floor_ms:.2f}x the floor")

@@ -1,7 +1,7 @@
 """The CPU benchmark table: t5kit against transformers, CTranslate2 and ONNX Runtime, one command.
 
     pip install -e ".[bench]"
-    python benchmarks/bench_suite.py [--shape t5-small] [--rounds 3] [--repeats 1] [--systems ...]
+    python benchmarks/bench_suite.py [--shape t5-small] [--rounds 3] [--repeats 1] [--systems ...] [--columns ...]
 
 Every system runs in its own subprocess on the same random checkpoint (written once by
 transformers), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
@@ -22,6 +22,9 @@ Columns:
   train                      steps/s, fp32 forward + backward + AdamW, batch 8, 128 -> 64 tokens
                              (t5kit: the checkpoint as loaded, in a process of its own)
   peak RSS                   the process's peak resident memory after the generation cases
+
+--columns (comma-separated, e.g. "greedy b1,beam4 b1") measures only those columns, for a closer look
+at a few cells with more --repeats; peak RSS is then the peak after those cases.
 
 Medians of --rounds. Ratios are against transformers fp32 measured in the same run. This machine's
 speed drifts by 20-30% within minutes (other tenants share its memory bandwidth), so single cells
@@ -82,7 +85,7 @@ def _peak_rss_mb() -> float:
 def _measure(
     rounds: int, generate: Callable, tokens_of: Callable, encode: Callable | None = None, prepare: Callable | None = None
 ) -> dict[str, object]:
-    """tokens/s of every case: ``encode(ids, mask)`` on the encoder cases (if given), and
+    """tokens/s of every case in COLUMNS: ``encode(ids, mask)`` on the encoder cases (if given), and
     ``generate(ids, mask, num_beams)`` on GEN_CASES. Outside the timed calls, ``prepare(ids, mask)``
     converts the inputs to the system's own (ids, mask), and ``tokens_of`` turns a generation's
     output into token lists (B, 1 + NEW_TOKENS) for the quality report."""
@@ -90,11 +93,15 @@ def _measure(
     out: dict[str, object] = {}
     if encode is not None:
         for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
+            if name not in COLUMNS:
+                continue
             ids, mask = prepare(*_inputs(batch, 128, batch))
             t, _ = _median(lambda: encode(ids, mask), rounds)
             out[name] = batch * 128 / t
     tokens = {}
     for name, batch, beams in GEN_CASES:
+        if name not in COLUMNS:
+            continue
         ids, mask = prepare(*_inputs(batch, 64, batch))
         t, seqs = _median(lambda: generate(ids, mask, beams), rounds)
         out[name] = batch * NEW_TOKENS / t
@@ -162,13 +169,14 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
             tokens_of=lambda seqs: seqs.tolist(),
         )
         out["peak RSS MB"] = _peak_rss_mb()  # after the generation cases, before the quality logits and training
-        # Logits on a fixed teacher-forced batch, for the quality report: a file, not JSON (an mT5
-        # batch holds 65M logits, gigabytes as Python floats in every process that reads them).
-        ids, mask = _inputs(4, 64, 99)
-        dec = torch.tensor(out["tokens"]["greedy b16"][:4])
-        torch.save(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float(), logits_file)
-        out["logits"] = logits_file
-    if system == "transformers":
+        if "greedy b16" in out["tokens"]:
+            # Logits on a fixed teacher-forced batch, for the quality report: a file, not JSON (an mT5
+            # batch holds 65M logits, gigabytes as Python floats in every process that reads them).
+            ids, mask = _inputs(4, 64, 99)
+            dec = torch.tensor(out["tokens"]["greedy b16"][:4])
+            torch.save(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float(), logits_file)
+            out["logits"] = logits_file
+    if system == "transformers" and "train" in COLUMNS:
         out["train"] = _train_steps_per_s(model, rounds)
     return out
 
@@ -237,10 +245,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every system this many times, alternating their order; cells are medians over "
                              "the repeats, ratios medians of each repeat's own ratio (this machine's speed drifts)")
+    parser.add_argument("--columns", default=",".join(COLUMNS),
+                        help="comma-separated columns to measure (default: all); peak RSS is always reported")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    columns = [c.strip() for c in args.columns.split(",")]
+    unknown = sorted(set(columns) - set(COLUMNS))
+    if unknown:
+        parser.error(f"unknown columns {unknown}; choose from {COLUMNS}")
+    COLUMNS[:] = [c for c in COLUMNS if c in columns or c == "peak RSS MB"]  # the workers read it too
     if args.worker:
         worker(args.worker, args.model_dir, args.rounds, args.out)
         return
@@ -283,7 +298,7 @@ def main() -> None:
             result = _run_worker(system, work, args.rounds, tag=str(repeat))
             if result is None:
                 continue
-            if system == "t5kit" and repeat == 0:  # its training column, from a worker of its own, once
+            if system == "t5kit" and repeat == 0 and "train" in COLUMNS:  # training: a worker of its own, once
                 train = _run_worker("t5kit-train", work, args.rounds, tag=str(repeat))
                 if train is not None:
                     result["train"] = train["train"]
@@ -301,7 +316,7 @@ def main() -> None:
         cells = [f"{ratios[system][c]:12.2f}x" if c in ratios[system] else f"{'-':>13s}" for c in COLUMNS]
         print(f"{system:18s}" + "".join(cells))
     ref = results.get("t5kit")
-    if ref:
+    if ref and "greedy b16" in ref.get("tokens", {}):
         print("\nquality against t5kit fp32: tokens equal (greedy b16), max |logit error| / max |logit|")
         for system, res in results.items():
             same = _share_equal(res.get("tokens", {}).get("greedy b16"), ref["tokens"]["greedy b16"])
@@ -338,7 +353,8 @@ def _combine(runs: list[dict[str, dict]], systems: list[str]) -> tuple[dict[str,
 def _run_worker(system: str, work: str, rounds: int, tag: str = "") -> dict | None:
     """Measure ``system`` in its own process; None (and the error printed) if it failed."""
     out = Path(work) / f"{system}{tag}.json"
-    cmd = [sys.executable, __file__, "--worker", system, "--model-dir", work, "--rounds", str(rounds), "--out", str(out)]
+    cmd = [sys.executable, __file__, "--worker", system, "--model-dir", work, "--rounds", str(rounds), "--out", str(out),
+           "--columns", ",".join(COLUMNS)]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         print(f"  {system}: failed\n{run.stderr[-2000:]}")
