@@ -71,6 +71,8 @@ def test_prepacked_model_gives_the_same_logits_and_tokens(family, variant):
         ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
         greedy, beam = model.generate(**gen), model.generate(**gen, num_beams=3)
     n_dense = sum(p.numel() for p in model.parameters())
+    dense_keys = list(model.state_dict())
+    linear_names = tuple(n + "." for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
     packed = t5kit.prepack(model)
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
     n_linear = sum(isinstance(m, PackedLinear) for m in packed.modules())
@@ -78,7 +80,11 @@ def test_prepacked_model_gives_the_same_logits_and_tokens(family, variant):
     # Fused: q|k|v and o per self-attention, q, k|v and o per cross-attention, wi (or wi_0|wi_1) and wo, the head.
     assert n_linear == 2 * depth + 3 * model.config.num_decoder_layers + 2 * depth + 1
     # The dense linear weights are released: only embeddings, norms and position tables remain.
-    assert sum(p.numel() for p in packed.parameters()) < n_dense / 2
+    plain = [p for m in packed.modules() if not isinstance(m, PackedLinear) for p in m.parameters(recurse=False)]
+    assert sum(p.numel() for p in plain) < n_dense / 2
+    # The packed weights are frozen parameters (see PackedLinear) but never in the state dict.
+    assert all(not p.requires_grad for p in packed.parameters())
+    assert set(packed.state_dict()) == {k for k in dense_keys if not k.startswith(linear_names)}
     # A plain forward (no torch.no_grad) is inference: nothing requires gradients.
     out = packed(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     assert not out.requires_grad
@@ -132,8 +138,9 @@ def test_prepacked_model_refuses_saving_training_and_other_dtypes(tmp_path):
     model.eval()
     with pytest.raises(ValueError, match="no linear layers"):
         t5kit.prepack(model)
-    with pytest.raises(ValueError, match="prepacked for torch.float32"):
-        model.to(torch.bfloat16)(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    assert model.to(torch.float32).cpu() is model  # keeping dtype and device: a no-op
+    with pytest.raises(ValueError, match="prepacked for torch.float32 on the CPU and cannot be moved to torch.bfloat16"):
+        model.to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         t5kit.prepack(tiny_model().half())
 

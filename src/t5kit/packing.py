@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -55,8 +55,11 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self._packed = packed  # opaque oneDNN tensor: not a parameter, never in the state dict
-        self._bias = bias
+        # Parameters (frozen) rather than plain tensor attributes: torch.compile checks plain tensor
+        # attributes for aliasing on every call of a compiled step (~150 us a step for t5-small),
+        # parameters not. They stay out of the state dict (_save_to_state_dict below).
+        self._packed = nn.Parameter(packed, requires_grad=False)  # opaque oneDNN layout, (out, in)
+        self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dtype = packed.dtype
 
     @classmethod
@@ -85,6 +88,21 @@ class PackedLinear(nn.Module):
         if x.numel() == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
         return _dnn_linear(x, self._packed, self._bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "PackedLinear":
+        # .to()/.float()/.cpu() reach the layer here. The packed layout cannot be converted: a call
+        # that keeps the dtype and the device is a no-op; any other is refused (torch's own error from
+        # the opaque tensor would not say why).
+        probe = fn(torch.empty(0, dtype=self.dtype))
+        if probe.dtype != self.dtype or probe.device.type != "cpu":
+            raise ValueError(
+                f"this layer was prepacked for {self.dtype} on the CPU and cannot be moved to {probe.dtype} on "
+                f"{probe.device}; call prepack after moving the model to its final dtype and device"
+            )
+        return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        pass  # the packed layout is not a checkpoint format (save the model you loaded)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, prepacked"
