@@ -141,6 +141,9 @@ def test_prepacked_model_refuses_saving_training_and_other_dtypes(tmp_path):
     assert model.to(torch.float32).cpu() is model  # keeping dtype and device: a no-op
     with pytest.raises(ValueError, match="prepacked for torch.float32 on the CPU and cannot be moved to torch.bfloat16"):
         model.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # refused before anything moved
+    with pytest.raises(ValueError, match="cannot be moved"):
+        next(m for m in model.modules() if isinstance(m, PackedLinear)).half()
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         t5kit.prepack(tiny_model().half())
 

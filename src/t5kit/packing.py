@@ -89,16 +89,20 @@ class PackedLinear(nn.Module):
             return x.new_empty(*x.shape[:-1], self.out_features)
         return _dnn_linear(x, self._packed, self._bias)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "PackedLinear":
-        # .to()/.float()/.cpu() reach the layer here. The packed layout cannot be converted: a call
-        # that keeps the dtype and the device is a no-op; any other is refused (torch's own error from
-        # the opaque tensor would not say why).
+    def check_move(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Raise ValueError unless ``fn`` (what ``.to()``/``.float()``/``.cpu()`` apply to every tensor)
+        keeps this layer's dtype and device: the packed layout cannot be converted, and torch's own
+        error from the opaque tensor would not say why. The models call this on every packed layer
+        before moving anything, so a refused move leaves the model as it was."""
         probe = fn(torch.empty(0, dtype=self.dtype))
         if probe.dtype != self.dtype or probe.device.type != "cpu":
             raise ValueError(
                 f"this layer was prepacked for {self.dtype} on the CPU and cannot be moved to {probe.dtype} on "
                 f"{probe.device}; call prepack after moving the model to its final dtype and device"
             )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "PackedLinear":
+        self.check_move(fn)  # then a no-op: the dtype and device stay
         return self
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
