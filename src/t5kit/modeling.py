@@ -523,13 +523,12 @@ class T5Stack(nn.Module):
     ) -> torch.Tensor | None:
         """Additive (B|1, 1, T|1, K) bias from the padding mask, and the causal mask in a decoder."""
         bias = _padding_bias(attention_mask, dtype)
-        if cache is not None and cache.static:
-            # Every key column is there: mask those after each query, written or not yet (K = L).
-            future = torch.arange(k, device=device)[None, :] > cache.query_positions(t, device)[:, None]  # (T, K)
-            causal = torch.zeros(t, k, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)
-            return causal[None, None] if bias is None else bias + causal
-        if self.is_decoder and t > 1:  # one new query may see every key so far: nothing to mask
-            future = torch.arange(k, device=device)[None, :] > torch.arange(past, past + t, device=device)[:, None]
+        static = cache is not None and cache.static
+        # One new query may see every key so far: nothing to mask. A static cache holds every key
+        # column (K = L), so the columns after each query, written or not yet, are always masked.
+        if static or (self.is_decoder and t > 1):
+            queries = cache.query_positions(t, device) if static else torch.arange(past, past + t, device=device)  # type: ignore[union-attr]
+            future = torch.arange(k, device=device)[None, :] > queries[:, None]  # (T, K)
             causal = torch.zeros(t, k, dtype=dtype, device=device).masked_fill_(future, torch.finfo(dtype).min)
             bias = causal[None, None] if bias is None else bias + causal
         return bias

@@ -117,15 +117,15 @@ class PreTrainedModel(nn.Module):
         return new
 
     # ------------------------------------------------------------------------------------------
+    # Small conveniences of the reference API.
+
     def _apply(self, fn: Any, recurse: bool = True) -> PreTrainedModel:
         # .to()/.float()/.half()/.cuda() of a model with converted layers (t5kit.prepack): those
         # layers refuse a new dtype or device; ask them all first, so a refusal changes nothing.
         for module in self.modules():
-            if module is not self and hasattr(module, "check_move"):
+            if hasattr(module, "check_move"):
                 module.check_move(fn)
         return super()._apply(fn, recurse)
-
-    # Small conveniences of the reference API.
 
     @property
     def device(self) -> torch.device:
