@@ -70,3 +70,18 @@ def test_static_cache_reorders_every_position() -> None:
     cache.advance(1)
     cache.reorder_cache(torch.tensor([2, 2, 0]))
     assert cache.self_keys[0][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
+
+
+def test_static_cache_reorders_the_written_length_only() -> None:
+    cache = EncoderDecoderCache(num_layers=1, max_length=3, static=True)
+    x = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 1, 2)
+    cache.update(0, x, x)
+    cache.advance(1)
+    buf = cache.self_keys[0]
+    buf[:, :, 1:] = 7.0  # stands in for positions not written yet: a length-aware reorder leaves them
+    cache.reorder_cache(torch.tensor([2, 2, 0]), length=1)
+    assert buf[:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0] and bool((buf[:, :, 1:] == 7.0).all())
+    buf[:, 0, 2, 0] = torch.tensor([10.0, 11.0, 12.0])
+    cache.reorder_cache(torch.tensor([2, 0, 1]))  # no length: the whole buffer moves
+    assert buf[:, 0, 0, 0].tolist() == [0.0, 2.0, 2.0] and buf[:, 0, 2, 0].tolist() == [12.0, 10.0, 11.0]
+    assert cache.self_keys[0] is buf

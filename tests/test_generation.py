@@ -256,6 +256,38 @@ def test_static_cache_and_compiled_step_give_the_eager_tokens(pair, family):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > captured  # the step was compiled, not run eagerly
 
 
+def test_compiling_the_step_hands_the_compilers_freed_memory_back(pair, monkeypatch):
+    """A call that compiles a graph releases the compiler's garbage once (see release_freed_memory);
+    a later generation on the same shapes reuses the graph and releases nothing."""
+    _, ours = pair("T5", "gated_untied")
+    fresh = copy.deepcopy(ours)
+    fresh.__class__ = type("FreshT5", (type(ours),), {})  # compiled steps are per class: this one compiles anew
+    calls = []
+    monkeypatch.setattr(t5kit.packing, "release_freed_memory", lambda: calls.append(1))
+    ids, mask = batch_for("gated_untied")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, cache_implementation="static")
+    expected = ours.generate(**kw, disable_compile=True)
+    assert torch.equal(fresh.generate(**kw), expected) and calls == [1]
+    assert torch.equal(fresh.generate(**kw), expected) and calls == [1]
+
+
+def test_compiled_step_past_its_graph_limit_runs_eagerly(pair, monkeypatch):
+    """A step that would need more graphs than the limit allows warns and decodes eagerly: the
+    same tokens, not torch's hard failure under fullgraph=True."""
+    _, ours = pair("T5", "gated_untied")
+    fresh = copy.deepcopy(ours)
+    fresh.__class__ = type("LimitedT5", (type(ours),), {})
+    monkeypatch.setattr(t5kit.generation, "_RECOMPILE_LIMIT", 0)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 0)
+    ids, mask = batch_for("gated_untied")
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static")
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with pytest.warns(UserWarning, match="runs its steps eagerly"):
+        got = fresh.generate(**kw)
+    assert torch.equal(got, ours.generate(**kw, disable_compile=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 def test_static_cache_runs_untraceable_layers_eagerly(pair):
     """int8 layers hold a TorchScript object torch.compile cannot trace: the step runs eagerly on
     the static cache, with a warning, and gives the int8 model's tokens."""

@@ -364,3 +364,17 @@ def test_package_works_without_transformers() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(1, 1, 50)"
     assert "import transformers" not in "".join(p.read_text() for p in (ROOT / "src" / "t5kit").rglob("*.py"))
+
+
+def test_loading_imports_no_symbolic_maths(tmp_path) -> None:
+    """Building the model on the meta device skips torch's default embedding init, whose meta
+    ``normal_`` imports sympy (about 70 MB resident with what comes along) for nothing."""
+    tiny_model().save_pretrained(tmp_path)
+    code = (
+        "import sys, t5kit\n"
+        f"t5kit.AutoModelForSeq2SeqLM.from_pretrained({str(tmp_path)!r})\n"
+        "print(sorted(m for m in ('sympy', 'mpmath') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

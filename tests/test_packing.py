@@ -11,7 +11,7 @@ import torch
 import t5kit
 from conftest import FAMILIES, VARIANTS, assert_rel_close, make_batch, tiny_model
 from t5kit.modeling import Linear
-from t5kit.packing import PackedLinear, keep_freed_memory
+from t5kit.packing import PackedLinear, keep_freed_memory, release_freed_memory
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN backend")
 
@@ -180,3 +180,36 @@ def test_prepack_hands_back_the_checkpoint_pages_of_converted_weights(tmp_path):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_release_freed_memory_trims_on_glibc():
+    keep_freed_memory()
+    block = torch.ones(64, 2**16)  # 16 MB from the heap (under keep_freed_memory's mmap threshold)
+    del block
+    assert release_freed_memory()  # glibc says it returned memory
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds ``address`` (Linux smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":
+            lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
+def test_prepack_reads_the_mapped_embedding_without_readahead(tmp_path):
+    """Embedding rows are read one at a time: prepack advises MADV_RANDOM ("rr" in smaps) on the
+    mapped embedding, so a lookup makes its own page resident, not the readahead window around it."""
+    config = t5kit.T5Config(vocab_size=4096, d_model=256, d_kv=32, num_heads=8, d_ff=512, num_layers=1, dropout_rate=0.0)
+    t5kit.T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    middle = model.shared.weight.data_ptr() + model.shared.weight.nbytes // 2
+    assert "rr" not in _vm_flags(middle)
+    t5kit.prepack(model)
+    assert "rr" in _vm_flags(middle)

@@ -134,13 +134,15 @@ class EncoderDecoderCache:
     def set_cross(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> None:
         self.cross_keys[layer_idx], self.cross_values[layer_idx] = key, value
 
-    def reorder_cache(self, index: torch.Tensor) -> None:
+    def reorder_cache(self, index: torch.Tensor, length: int | None = None) -> None:
         """Select batch rows (e.g. surviving beams) of the self-attention caches.
 
         Cross-attention keys/values are left alone: beams of one input share them (the attention
-        layer groups a row's beams against its single copy of the encoder keys).
+        layer groups a row's beams against its single copy of the encoder keys). ``length``: the
+        positions written so far, if the caller knows it; a static cache (whose count is a tensor)
+        then moves only those, not its whole buffer (the rest are zeros in every row).
         """
-        n = self.max_length if self.static else self._length
+        n = self._length if not self.static else self.max_length if length is None else length
         for i in range(self.num_layers):
             k, v = self.self_keys[i], self.self_values[i]
             if k is None or v is None:

@@ -620,7 +620,7 @@ class BeamSearch:
         self.finished_beams = self._gather(torch.cat([self.finished_beams, cand_beams], 1), keep)
         self.is_finished = self._gather(torch.cat([self.is_finished, just_finished], 1), keep)
 
-        state.cache.reorder_cache(self.running_beams[:, :, gen_pos].reshape(-1))
+        state.cache.reorder_cache(self.running_beams[:, :, gen_pos].reshape(-1), length=state.length)
         state.length += 1
 
         # Can a live beam still beat the worst kept hypothesis?
@@ -860,6 +860,9 @@ class GenerationMixin:
 
 
 _COMPILED_STEPS: dict[type, Callable[..., torch.Tensor]] = {}
+# Graphs one compiled step may hold (torch's default limit is 8): one per model config and shapes.
+# Only the first call of a generation can compile, so this bounds work per distinct setting, not per step.
+_RECOMPILE_LIMIT = 64
 
 
 def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
@@ -868,23 +871,52 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     One compiled function per model class: its graphs are cached per input shapes and guarded on
     the model, so models of a class share it. The first call checks the guards (and compiles if no
     graph fits); the later steps of the same generation feed the same model, cache and shapes, so
-    they skip the checks (about 0.1 ms a step). Only this function's calls skip them.
+    they skip the checks (about 0.1 ms a step). Only this function's calls skip them. A call that
+    compiled a graph then returns the compiler's freed memory to the kernel (see
+    :func:`t5kit.packing.release_freed_memory`): prepack's allocator setting would keep it resident.
+    Past ``_RECOMPILE_LIMIT`` graphs (many configs or shapes in one process) the generation warns
+    and runs its steps eagerly, as ``disable_compile=True`` would.
     """
     cls = type(model)
     if cls not in _COMPILED_STEPS:
         _COMPILED_STEPS[cls] = torch.compile(cls.decode_step, fullgraph=True)
-    fn = _COMPILED_STEPS[cls]
+    compiled = _COMPILED_STEPS[cls]
+    fn: Callable[..., torch.Tensor] = compiled
     checked = False
 
     def step(*args: Any) -> torch.Tensor:
-        nonlocal checked
-        if not checked:
-            checked = True
+        nonlocal checked, fn
+        if checked:
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return fn(model, *args)
+        checked = True
+        graphs = _graphs_compiled()
+        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                logits = compiled(model, *args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn(
+                f"cache_implementation='static': {type(model).__name__}'s compiled decoding step already holds "
+                f"{limit} graphs (one per model config and input shapes), so this generation runs its steps "
+                "eagerly; pass disable_compile=True to silence this", stacklevel=3,
+            )
+            fn = cls.decode_step  # eager for the rest of this generation
             return fn(model, *args)
-        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return fn(model, *args)
+        if _graphs_compiled() != graphs:
+            from .packing import release_freed_memory  # lazy: packing imports the models
+
+            release_freed_memory()
+        return logits
 
     return step
+
+
+def _graphs_compiled() -> int:
+    """How many graphs torch.compile has made in this process (dynamo's own counter)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _infer_attention_mask(input_ids: torch.Tensor, pad: int, eos: list[int]) -> torch.Tensor | None:

@@ -209,6 +209,14 @@ class Linear(nn.Linear):
         return _dnn_linear(x, self.weight, self.bias)
 
 
+def _embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` without torch's default initialisation: ``post_init`` gives every parameter
+    the reference's. On the meta device (``from_pretrained`` builds the model there) torch's
+    ``normal_`` imports sympy and torch's decompositions, about 70 MB of resident modules that
+    loading never needs."""
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
+
+
 class T5LayerNorm(nn.Module):
     """RMS norm without bias or mean subtraction; statistics in float32."""
 
@@ -312,7 +320,7 @@ class T5Attention(nn.Module):
         self.o = Linear(inner, config.d_model, bias=False)
         self.has_relative_attention_bias = has_relative_attention_bias
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+            self.relative_attention_bias = _embedding(config.relative_attention_num_buckets, config.num_heads)
         # Set by t5kit.prepack: one product for the projections of one input (fewer, wider products).
         self.qkv: nn.Module | None = None  # q | k | v, self-attention
         self.kv: nn.Module | None = None  # k | v of the encoder output, cross-attention
@@ -658,7 +666,7 @@ class _EncoderDecoderBase(PreTrainedModel):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = _embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, self.shared, is_decoder=False)
         self.decoder = T5Stack(config, self.shared, is_decoder=True)
 
@@ -910,7 +918,7 @@ class T5EncoderModel(PreTrainedModel):
 
     def __init__(self, config: T5Config) -> None:
         super().__init__(config)
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = _embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, self.shared, is_decoder=False)
         self.post_init()
 
