@@ -142,7 +142,9 @@ class EncoderDecoderCache:
         positions written so far, if the caller knows it; a static cache (whose count is a tensor)
         then moves only those, not its whole buffer (the rest are zeros in every row).
         """
-        n = self._length if not self.static else self.max_length if length is None else length
+        n = self._length
+        if self.static:
+            n = self.max_length if length is None else length
         for i in range(self.num_layers):
             k, v = self.self_keys[i], self.self_values[i]
             if k is None or v is None:

@@ -212,8 +212,8 @@ class Linear(nn.Linear):
 def _embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
     """An ``nn.Embedding`` without torch's default initialisation: ``post_init`` gives every parameter
     the reference's. On the meta device (``from_pretrained`` builds the model there) torch's
-    ``normal_`` imports sympy and torch's decompositions, about 70 MB of resident modules that
-    loading never needs."""
+    ``normal_`` imports sympy and mpmath, about 70 MB of resident modules that loading never
+    needs."""
     return nn.Embedding(num_embeddings, embedding_dim, _weight=torch.empty(num_embeddings, embedding_dim))
 
 
