@@ -256,12 +256,19 @@ def test_static_cache_and_compiled_step_give_the_eager_tokens(pair, family):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > captured  # the step was compiled, not run eagerly
 
 
+def _copy_of_new_class(model):
+    """A copy of ``model`` whose class is a fresh subclass: compiled steps are per class, so its
+    first static generation starts from a step that has compiled nothing yet."""
+    fresh = copy.deepcopy(model)
+    fresh.__class__ = type(f"Fresh{type(model).__name__}", (type(model),), {})
+    return fresh
+
+
 def test_compiling_the_step_hands_the_compilers_freed_memory_back(pair, monkeypatch):
     """A call that compiles a graph releases the compiler's garbage once (see release_freed_memory);
     a later generation on the same shapes reuses the graph and releases nothing."""
     _, ours = pair("T5", "gated_untied")
-    fresh = copy.deepcopy(ours)
-    fresh.__class__ = type("FreshT5", (type(ours),), {})  # compiled steps are per class: this one compiles anew
+    fresh = _copy_of_new_class(ours)
     calls = []
     monkeypatch.setattr(t5kit.packing, "release_freed_memory", lambda: calls.append(1))
     ids, mask = batch_for("gated_untied")
@@ -275,8 +282,7 @@ def test_compiled_step_past_its_graph_limit_runs_eagerly(pair, monkeypatch):
     """A step that would need more graphs than the limit allows warns and decodes eagerly: the
     same tokens, not torch's hard failure under fullgraph=True."""
     _, ours = pair("T5", "gated_untied")
-    fresh = copy.deepcopy(ours)
-    fresh.__class__ = type("LimitedT5", (type(ours),), {})
+    fresh = _copy_of_new_class(ours)
     monkeypatch.setattr(t5kit.generation, "_RECOMPILE_LIMIT", 0)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 0)
     ids, mask = batch_for("gated_untied")

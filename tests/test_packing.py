@@ -148,15 +148,21 @@ def test_prepacked_model_refuses_saving_training_and_other_dtypes(tmp_path):
         t5kit.prepack(tiny_model().half())
 
 
-def _resident_kb(path: Path) -> int:
-    """Resident kB of this process's mappings of ``path`` (Linux smaps)."""
-    total, inside = 0, False
+def _smaps() -> list[tuple[str, dict[str, str]]]:
+    """This process's mappings (Linux smaps): each header line ("lo-hi perms ... path") with its fields."""
+    maps: list[tuple[str, dict[str, str]]] = []
     for line in Path("/proc/self/smaps").read_text().splitlines():
-        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's header line: "lo-hi perms ... path"
-            inside = line.endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1])
-    return total
+        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's header line
+            maps.append((line, {}))
+        else:
+            name, _, value = line.partition(":")
+            maps[-1][1][name] = value.strip()
+    return maps
+
+
+def _resident_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path``."""
+    return sum(int(fields["Rss"].split()[0]) for header, fields in _smaps() if header.endswith(str(path)))
 
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps")
@@ -191,14 +197,11 @@ def test_release_freed_memory_trims_on_glibc():
 
 
 def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of this process's mapping that holds ``address`` (Linux smaps)."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        if line[:1].isdigit() or line[:1] in "abcdef":
-            lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
-            inside = lo <= address < hi
-        elif inside and line.startswith("VmFlags:"):
-            return line.split()[1:]
+    """The VmFlags of this process's mapping that holds ``address``."""
+    for header, fields in _smaps():
+        lo, hi = (int(a, 16) for a in header.split()[0].split("-"))
+        if lo <= address < hi:
+            return fields["VmFlags"].split()
     raise AssertionError(f"no mapping holds {address:#x}")
 
 

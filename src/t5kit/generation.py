@@ -14,7 +14,7 @@ tokens through a preallocated cache and returns next-token logits. Everything el
 first one the same computation on tensors of the same shapes (a static cache: see
 ``t5kit.cache``), and compiles that step once with ``torch.compile`` (unless
 ``disable_compile=True``): Python and per-op overhead go, which makes batch-1 greedy decoding of
-a prepacked fp32 model 9-19% faster on the CPU (README, "Generation"). The first call per shape
+a prepacked fp32 model 7-17% faster on the CPU (README, "Generation"). The first call per shape
 compiles (seconds); tokens equal the eager loop's.
 
 Semantics follow transformers 5.23 so that tokens and ``sequences_scores`` are equal: lengths
