@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import t5kit
-from t5kit.generation import GenerationConfig, build_processors
+from t5kit.generation import GenerationConfig, _argmax, _top_k, build_processors
 
 from conftest import FAMILIES, VARIANTS, hf, load_hf, make_batch, save_hf_model, tiny_model
 
@@ -118,6 +118,52 @@ def test_beam_search_matches_reference(pair, family, variant, case):
         assert torch.equal(got.sequences, pad_after_eos(expected.sequences, eos_list)), (kw, got.sequences, expected.sequences)
         torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-5, atol=1e-5)
         assert torch.equal(got.beam_indices, expected.beam_indices.long())
+
+
+def test_large_vocabulary_beams_and_greedy_match_reference(tmp_path):
+    """A vocabulary large enough (4 beams x 2048 = 64 chunks) for the chunked candidate top-k and
+    numpy's argmax to run on the real decoding loop, against the reference."""
+    save_hf_model("T5", "ForConditionalGeneration", "gated_untied", tmp_path, vocab_size=2048)
+    ref = load_hf("T5", "ForConditionalGeneration", tmp_path)
+    ours = t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path)
+    ids, mask, _ = make_batch(2048, batch=3, length=9)
+    for kw in (dict(num_beams=4, length_penalty=0.5), dict(num_beams=1)):
+        kw.update(max_new_tokens=10, eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+        expected = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+        got = ours.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert torch.equal(got.sequences, expected.sequences), (kw, got.sequences, expected.sequences)
+        if kw["num_beams"] > 1:
+            torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-5, atol=1e-5)
+            assert torch.equal(got.beam_indices, expected.beam_indices.long())
+
+
+def test_argmax_equals_torch_argmax():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 5000, generator=g)
+    scores[1, [7, 4000]] = 9.0  # a tie: the first maximum wins
+    scores[2] = float("-inf")
+    scores[3, [11, 300]] = float("nan")  # NaN counts as the largest
+    scores[4] = 0.5
+    for x in (scores, scores.double(), scores[:, ::2]):
+        got = _argmax(x)
+        assert got.dtype == torch.int64 and torch.equal(got, x.argmax(-1))
+
+
+@pytest.mark.parametrize("n", [64 * 128, 4 * 250112, 64 * 128 + 1, 100])
+def test_top_k_equals_torch_topk(n):
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(5, n, generator=g)
+    scores[1, : n - 3] = float("-inf")  # fewer finite values than k
+    scores[2, [5, n // 2]] = float("nan")
+    scores[3] = torch.randint(0, 4, (n,), generator=g).float()  # ties everywhere
+    for k in (1, 8, 16):
+        values, index = _top_k(scores, k)
+        expected = scores.topk(k)
+        torch.testing.assert_close(values, expected.values, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(scores.gather(1, index), values, rtol=0, atol=0, equal_nan=True)
+        distinct = [0, 4]  # rows of distinct values: the same positions too
+        assert torch.equal(index[distinct], expected.indices[distinct])
+        assert all(len(set(row.tolist())) == k for row in index)
 
 
 def test_reference_pads_finished_beams_with_eos(pair):

@@ -503,6 +503,37 @@ class DecodingState:
         return done
 
 
+def _argmax(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(-1)`` (int64), by numpy on the CPU: torch's CPU argmax is 10x slower over a
+    large vocabulary (mT5's 250112: 175 vs 14 us a row, 2.5 vs 0.36 ms for 16 rows, on the
+    benchmark machine). Both return the first maximum, and both count NaN as the largest value."""
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(scores.detach().numpy().argmax(-1)).long()
+    return scores.argmax(-1)
+
+
+_TOP_K_CHUNK = 128
+
+
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores.topk(k)`` of (N, V) scores, by way of chunk maxima on the CPU.
+
+    torch's CPU topk over beam search's (B, num_beams * vocab) candidates is slow (mT5, 4 beams:
+    1.4 ms a row of 1M). The k best values lie in the k chunks of 128 whose maxima are largest, so
+    a pass of ``amax`` and a topk over 128k values give the same values (NaN first, as torch's);
+    where values tie, which of the tied positions is returned is unspecified, as in torch.topk.
+    """
+    n_rows, n = scores.shape
+    chunks = n // _TOP_K_CHUNK
+    if scores.device.type != "cpu" or n % _TOP_K_CHUNK or chunks < 64 or k > chunks // 4:
+        return scores.topk(k)
+    maxima = scores.reshape(n_rows, chunks, _TOP_K_CHUNK).amax(-1)  # (N, chunks)
+    best = maxima.topk(k).indices  # (N, k): the chunks holding the k best values
+    index = (best[:, :, None] * _TOP_K_CHUNK + torch.arange(_TOP_K_CHUNK, device=scores.device)).view(n_rows, -1)
+    values, pos = scores.gather(1, index).topk(k)  # (N, k)
+    return values, index.gather(1, pos)
+
+
 class GreedyOrSample:
     """Greedy decoding (argmax) or sampling (multinomial): one row per output sequence."""
 
@@ -521,7 +552,7 @@ class GreedyOrSample:
         if self.do_sample:
             next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=state.generator).squeeze(1)
         else:
-            next_tokens = scores.argmax(-1)
+            next_tokens = _argmax(scores)
         if state.eos is not None:  # finished rows are padded
             next_tokens = torch.where(self.unfinished, next_tokens, state.pad_token_id)
         state.sequences[:, state.length] = next_tokens
@@ -593,7 +624,7 @@ class BeamSearch:
             cand = torch.multinomial(total.softmax(-1), k, generator=state.generator)
             cand_scores = total.gather(1, cand)
         else:
-            cand_scores, cand = total.topk(k)  # (B, K)
+            cand_scores, cand = _top_k(total, k)  # (B, K)
         src_beam = cand // vocab
         cand_seqs = self._gather(self.running, src_beam)  # (B, K, L)
         cand_seqs[:, :, cur] = cand % vocab
