@@ -910,7 +910,10 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     """
     cls = type(model)
     if cls not in _COMPILED_STEPS:
-        _COMPILED_STEPS[cls] = torch.compile(cls.decode_step, fullgraph=True)
+        # cpp_wrapper: the graph's calls (~75 kernels and products a t5-base step) run from C++, not
+        # from a generated Python function: about 1.3 ms a step less on t5-base (6%), 0.2 ms on
+        # t5-small, for a first compile about 10-20 s longer (then cached on disk, as every graph is).
+        _COMPILED_STEPS[cls] = torch.compile(cls.decode_step, fullgraph=True, options={"cpp_wrapper": True})
     compiled = _COMPILED_STEPS[cls]
     fn: Callable[..., torch.Tensor] = compiled
     checked = False
