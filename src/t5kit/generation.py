@@ -14,9 +14,9 @@ tokens through a preallocated cache and returns next-token logits. Everything el
 first one the same computation on tensors of the same shapes (a static cache: see
 ``t5kit.cache``), and compiles that step once with ``torch.compile`` (unless
 ``disable_compile=True``): Python and per-op overhead go, which makes batch-1 greedy decoding of
-a prepacked fp32 model 5-17% faster on the CPU (README, "Generation"). The first call per shape
-compiles (20-55 s on a cold cache for t5-small to t5-base, a few seconds from torch's on-disk
-cache); tokens equal the eager loop's.
+a prepacked fp32 model 4-17% faster on the CPU than the eager loop (the four shapes of the
+README's "CPU benchmark", two runs). The first call per shape compiles (20-55 s on a cold cache
+for t5-small to t5-base, a few seconds from torch's on-disk cache); tokens equal the eager loop's.
 
 Semantics follow transformers 5.23 so that tokens and ``sequences_scores`` are equal: lengths
 count the decoder start token (``max_length``/``min_length``), ``max_new_tokens`` and
