@@ -7,7 +7,8 @@ Every system runs in its own subprocess on the same random checkpoint (written o
 transformers), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
 
   transformers[-bf16|-compile]  the reference eager in fp32 / bf16; -compile: static cache + torch.compile
-  t5kit[-bf16|-int8|-unpacked]  fp32 and bf16 with prepacked weights (t5kit.prepack, as `t5kit run` does),
+  t5kit[-bf16|-int8|-unpacked]  fp32 and bf16 with prepacked weights (t5kit.prepack, as `t5kit run` does;
+                                bf16 stays unpacked on CPUs without bf16 instructions, e.g. AVX2 only),
                                 int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
   t5kit[-bf16]-static           the same, generating with cache_implementation="static" (the decoding
                                 step captured by torch.compile; compiled in the warm-up round)
@@ -156,8 +157,8 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
             model = t5kit.quantize_dynamic(model)
     if bf16:
         model = model.to(torch.bfloat16)
-    if system in ("t5kit", "t5kit-bf16"):
-        model = t5kit.prepack(model)
+    if system in ("t5kit", "t5kit-bf16") and t5kit.packing.can_prepack(model.dtype):
+        model = t5kit.prepack(model)  # bf16 not on CPUs without bf16 instructions: unpacked, as `t5kit run`
 
     with torch.inference_mode():
         encoder = model.get_encoder()

@@ -302,17 +302,28 @@ def test_onednn_linear_equals_f_linear(rows, bias, monkeypatch):
     assert len(calls) == 4  # forward, grad input, grad weight, no-grad forward
 
 
-def test_onednn_linear_bfloat16_and_autocast():
-    """bfloat16 weights take the oneDNN route too; under autocast the layer must cast like F.linear."""
-    from t5kit.modeling import Linear
+@pytest.mark.parametrize("bf16_instructions", [True, False])
+def test_onednn_linear_bfloat16_and_autocast(bf16_instructions, monkeypatch):
+    """bfloat16 weights take the oneDNN route where the CPU has bfloat16 instructions, F.linear where
+    it has not (oneDNN refuses bfloat16 on AVX2-only CPUs; the second case pretends to be one);
+    under autocast the layer must cast like F.linear."""
+    from t5kit import modeling
 
+    if bf16_instructions and torch.bfloat16 not in modeling.ONEDNN_DTYPES:
+        pytest.skip("this CPU has no bfloat16 instructions for oneDNN")
+    if not bf16_instructions:
+        monkeypatch.setattr(modeling, "ONEDNN_DTYPES", modeling.ONEDNN_DTYPES - {torch.bfloat16})
+    calls = []
+    real = modeling._dnn_linear
+    monkeypatch.setattr(modeling, "_dnn_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
     torch.manual_seed(0)
-    layer = Linear(64, 32)
+    layer = modeling.Linear(64, 32)
     x = torch.randn(5, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x).dtype == torch.bfloat16
     half = layer.to(torch.bfloat16)
     out = half(x.bfloat16())
     assert out.dtype == torch.bfloat16
+    assert calls == ([torch.bfloat16] if bf16_instructions else [])
     expected = torch.nn.functional.linear(x.bfloat16().float(), half.weight.float(), half.bias.float())
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

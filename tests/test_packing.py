@@ -11,7 +11,7 @@ import torch
 import t5kit
 from conftest import FAMILIES, VARIANTS, assert_rel_close, make_batch, tiny_model
 from t5kit.modeling import Linear
-from t5kit.packing import PackedLinear, keep_freed_memory, release_freed_memory
+from t5kit.packing import PackedLinear, can_prepack, keep_freed_memory, release_freed_memory
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN backend")
 
@@ -47,6 +47,10 @@ def test_layers_fused_into_one_product():
     assert_rel_close(out, expected, what="fused products")
 
 
+needs_bf16 = pytest.mark.skipif(not can_prepack(torch.bfloat16), reason="this CPU has no bfloat16 instructions for oneDNN")
+
+
+@needs_bf16
 def test_layer_bfloat16():
     torch.manual_seed(0)
     layer = Linear(64, 48).to(torch.bfloat16)
@@ -93,19 +97,24 @@ def test_prepacked_model_gives_the_same_logits_and_tokens(family, variant):
     assert torch.equal(packed.generate(**gen, num_beams=3), beam)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
 def test_prepacked_model_compiled_step_against_eager(dtype):
     """cache_implementation="static" compiles the step; the oneDNN products go into the graph as the
-    t5kit::dnn_linear custom op on the packed weights. float32: the eager tokens. bfloat16: inductor
-    rounds fused bf16 maths differently, so the scores are compared up to (and at) the first step
-    where the tokens part, from equal prefixes."""
+    t5kit::dnn_linear custom op on the packed weights, lowered to oneDNN's C call (the custom op's
+    own body never runs). float32: the eager tokens. bfloat16: inductor rounds fused bf16 maths
+    differently, so the scores are compared up to (and at) the first step where the tokens part,
+    from equal prefixes."""
     model = t5kit.prepack(tiny_model("T5", "relu_tied").to(dtype))
     ids, mask, _ = make_batch(model.config.vocab_size)
     gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
     for beams in (1, 3) if dtype == torch.float32 else (1,):  # greedy: scores row i follow sequence i
         eager = model.generate(**gen, num_beams=beams, return_dict_in_generate=True, output_scores=True)
-        compiled = model.generate(**gen, num_beams=beams, return_dict_in_generate=True, output_scores=True,
-                                  cache_implementation="static")
+        kw = dict(**gen, num_beams=beams, return_dict_in_generate=True, output_scores=True, cache_implementation="static")
+        model.generate(**kw)  # compiles (tracing dispatches the custom op on fake tensors)
+        with torch.profiler.profile() as prof:
+            compiled = model.generate(**kw)
+        ops = {event.key for event in prof.key_averages()}
+        assert "t5kit::dnn_linear" not in ops and any("Compiled" in op for op in ops), sorted(ops)
         if dtype == torch.float32:
             assert torch.equal(compiled.sequences, eager.sequences), beams
             continue
@@ -115,6 +124,7 @@ def test_prepacked_model_compiled_step_against_eager(dtype):
                 break
 
 
+@needs_bf16
 def test_prepacked_bfloat16_model_stays_close():
     model = tiny_model("T5", "relu_tied").to(torch.bfloat16)
     ids, mask, dec = make_batch(model.config.vocab_size)
@@ -146,6 +156,24 @@ def test_prepacked_model_refuses_saving_training_and_other_dtypes(tmp_path):
         next(m for m in model.modules() if isinstance(m, PackedLinear)).half()
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         t5kit.prepack(tiny_model().half())
+
+
+def test_prepack_refuses_bfloat16_where_the_cpu_cannot_run_it(monkeypatch):
+    """On a CPU without bfloat16 instructions (AVX2 only; pretended here) oneDNN has no bfloat16
+    product: prepack says so before converting anything, and the unpacked model still runs."""
+    from t5kit import modeling
+
+    monkeypatch.setattr(modeling, "ONEDNN_DTYPES", frozenset({torch.float32}))
+    assert can_prepack(torch.float32) and not can_prepack(torch.bfloat16)
+    model = tiny_model().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="cannot run oneDNN's torch.bfloat16 products.*prepack it in float32"):
+        t5kit.prepack(model)
+    assert not getattr(model, "inference_only", None) and any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    with pytest.raises(ValueError, match="bfloat16 needs AVX-512 or AMX"):
+        PackedLinear.from_linear(Linear(4, 4).to(torch.bfloat16))
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.isfinite().all()
 
 
 def _smaps() -> list[tuple[str, dict[str, str]]]:

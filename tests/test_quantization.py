@@ -8,7 +8,7 @@ import torch
 import t5kit
 from conftest import FAMILIES, VARIANTS, make_batch, tiny_model
 from t5kit.modeling import Linear
-from t5kit.quantization import DynamicInt8Linear
+from t5kit.quantization import DynamicInt8Linear, _has_vnni
 
 pytestmark = pytest.mark.skipif(
     "fbgemm" not in torch.backends.quantized.supported_engines, reason="needs PyTorch's fbgemm (x86)"
@@ -63,7 +63,9 @@ def test_quantized_model_logits_and_tokens_close_to_float(family, variant):
         out = quantized(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
         tokens = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
     err = float((out - ref).abs().max() / ref.abs().max())
-    assert err < 5e-2, err
+    # Without 8-bit dot-product instructions fbgemm's AVX2 kernel would overflow its 16-bit sums, so
+    # activations are quantized to 7 bits there (reduce_range): half the resolution, about twice the error.
+    assert err < (5e-2 if _has_vnni() else 1e-1), err
     # Wherever fp32's best token leads by more than twice the largest error, int8 picks it too.
     top2 = ref.topk(2, dim=-1).values
     clear = (top2[..., 0] - top2[..., 1]) > 2 * (out - ref).abs().max()

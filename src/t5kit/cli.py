@@ -95,14 +95,10 @@ def _build_pipeline(args: argparse.Namespace, task: str, default_batch: int) -> 
 
 
 def _prepackable(model: Any) -> bool:
-    import torch
+    from .packing import can_prepack
 
     params = list(model.parameters())
-    return (
-        torch.backends.mkldnn.is_available()
-        and all(p.device.type == "cpu" for p in params)
-        and all(p.dtype in (torch.float32, torch.bfloat16) for p in params)
-    )
+    return all(p.device.type == "cpu" and can_prepack(p.dtype) for p in params)
 
 
 def _one_line(text: str) -> str:

@@ -911,11 +911,14 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     """
     cls = type(model)
     if cls not in _COMPILED_STEPS:
+        from .modeling import _lower_dnn_linear  # lazy: modeling imports this module
+
         # cpp_wrapper: the graph's calls (~75 kernels and products a t5-base step) run from C++, not
         # from a generated Python function: about 1.3 ms a step less on t5-base (6%), 0.2 ms on
         # t5-small. A cold first compile of t5-base took 54 s against 35 s without it (cached on disk
         # afterwards, as every graph is); the tiny graphs of the test suite compile no slower.
-        _COMPILED_STEPS[cls] = torch.compile(cls.decode_step, fullgraph=True, options={"cpp_wrapper": True})
+        options = {"cpp_wrapper": True, **_lower_dnn_linear()}
+        _COMPILED_STEPS[cls] = torch.compile(cls.decode_step, fullgraph=True, options=options)
     compiled = _COMPILED_STEPS[cls]
     fn: Callable[..., torch.Tensor] = compiled
     checked = False

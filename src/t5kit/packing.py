@@ -30,7 +30,7 @@ from torch import nn
 from .modeling import _dnn_linear
 
 __all__ = [
-    "PackedLinear", "keep_freed_memory", "prepack", "refuse_training", "release_freed_memory", "replace_linears",
+    "PackedLinear", "can_prepack", "keep_freed_memory", "prepack", "refuse_training", "release_freed_memory", "replace_linears",
     "stack_linears",
 ]
 
@@ -77,6 +77,7 @@ class PackedLinear(nn.Module):
             )
         if not torch.backends.mkldnn.is_available():
             raise RuntimeError("prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks")
+        _check_onednn_dtype(weight.dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # (out, in) in oneDNN's layout
         return cls(layers[0].in_features, weight.shape[0], packed, bias)
 
@@ -248,11 +249,28 @@ def replace_linears(
     return model
 
 
+def can_prepack(dtype: torch.dtype) -> bool:
+    """Whether :func:`prepack` can pack ``dtype`` weights on this CPU: float32 wherever PyTorch has
+    oneDNN, bfloat16 only on CPUs with bfloat16 instructions (AVX-512 or AMX)."""
+    from .modeling import ONEDNN_DTYPES
+
+    return dtype in ONEDNN_DTYPES
+
+
+def _check_onednn_dtype(dtype: torch.dtype) -> None:
+    if not can_prepack(dtype):
+        raise ValueError(
+            f"this CPU cannot run oneDNN's {dtype} products (it has {torch.backends.cpu.get_cpu_capability()}; "
+            "bfloat16 needs AVX-512 or AMX), so there is nothing to prepack for: leave the model unpacked "
+            "(its products then run through F.linear) or prepack it in float32"
+        )
+
+
 def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
     """Store every linear layer's weight of ``model`` (in place) in oneDNN's blocked layout.
 
     The model must be on the CPU in float32 or bfloat16 (convert first: ``model.to(torch.bfloat16)``
-    then ``prepack``). Returns the model in eval mode, for inference only: ``save_pretrained`` and
+    then ``prepack``; bfloat16 needs a CPU with bfloat16 instructions, see :func:`can_prepack`). Returns the model in eval mode, for inference only: ``save_pretrained`` and
     training refuse it with a clear error. Logits equal the unpacked model's to float32 rounding.
     ``keep_memory`` (default) also calls :func:`keep_freed_memory`, which changes how this whole
     process returns memory to the kernel; pass False to leave the allocator alone.
@@ -267,6 +285,8 @@ def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
     for name, layer in model.named_modules():
         if isinstance(layer, nn.Linear) and layer.weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"prepack needs float32 or bfloat16 weights, but {name} is {layer.weight.dtype}")
+        if isinstance(layer, nn.Linear):
+            _check_onednn_dtype(layer.weight.dtype)
     return replace_linears(model, PackedLinear.from_linear, "prepacked", keep_memory=keep_memory)
 
 

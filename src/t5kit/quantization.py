@@ -4,7 +4,10 @@
 stored as int8 with one scale per output channel, activations quantized to 8 bits per call (one
 scale per call, from the current values), int8 x int8 products accumulated in int32 by PyTorch's
 fbgemm kernels, the result rescaled to float32. This is what ONNX Runtime's and CTranslate2's
-"int8" modes do. A decoding step reads a quarter of the fp32 weight bytes, so memory-bound batch-1
+"int8" modes do. On CPUs without 8-bit dot-product instructions (VNNI; AVX2-only processors such
+as AMD Zen 3) fbgemm's kernel sums pairs of products in 16 bits, which 8-bit activations would
+overflow, so activations are quantized to 7 bits there (``reduce_range``): about twice the error.
+A decoding step reads a quarter of the fp32 weight bytes, so memory-bound batch-1
 decoding is up to 4x faster; encoders and large batches gain from the int8 arithmetic.
 
 Embeddings, norms, the position bias and the attention softmax stay in float32. The error this
