@@ -282,6 +282,7 @@ def test_onednn_linear_equals_f_linear(rows, bias, monkeypatch):
 
     if not modeling.ONEDNN_LINEAR:
         pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(modeling, "ONEDNN_MAX_ROWS", None)  # every row count through oneDNN
     calls = []
     real = modeling._dnn_linear
     monkeypatch.setattr(modeling, "_dnn_linear", lambda *a: calls.append(1) or real(*a))
@@ -300,6 +301,28 @@ def test_onednn_linear_equals_f_linear(rows, bias, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
     assert len(calls) == 4  # forward, grad input, grad weight, no-grad forward
+
+
+def test_onednn_linear_leaves_many_rows_to_f_linear(monkeypatch):
+    """Products of ONEDNN_MAX_ROWS rows or more (set on CPUs without AVX-512, where MKL is faster
+    there) and their backward go to F.linear; fewer rows to oneDNN. Same values either way."""
+    from t5kit import modeling
+
+    if not modeling.ONEDNN_LINEAR:
+        pytest.skip("this PyTorch build has no oneDNN")
+    monkeypatch.setattr(modeling, "ONEDNN_MAX_ROWS", 6)
+    calls = []
+    real = modeling._dnn_linear
+    monkeypatch.setattr(modeling, "_dnn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(0)
+    layer = modeling.Linear(16, 8)
+    for shape, through_onednn in (((5, 16), True), ((2, 3, 16), False), ((6, 16), False), ((1, 16), True)):
+        calls.clear()
+        x = torch.randn(*shape, requires_grad=True)
+        out = layer(x)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        out.sum().backward()
+        assert len(calls) == (3 if through_onednn else 0), (shape, calls)
 
 
 @pytest.mark.parametrize("bf16_instructions", [True, False])
