@@ -7,7 +7,7 @@ q/k/v/o, cross-attention q/o (the cross keys/values are computed once per input,
 the feed-forward matrices and the output projection. Weights do not fit in the caches, so the
 floor is (those bytes) / (the memory bandwidth this machine achieves reading a large buffer with
 the threads torch uses). Prints the floor, t5kit's measured step time per mode (fp32 with plain
-and prepacked weights, bf16 prepacked, int8) and the ratio. The step time is greedy generation
+and prepacked weights, bf16 prepacked, int8; each but the first also with the compiled static step) and the ratio. The step time is greedy generation
 time / new tokens, so it includes the sampling loop and the one-off encoder and cross
 keys/values (a few percent at 64 tokens).
 """
@@ -69,7 +69,8 @@ def main() -> None:
     print(f"{args.shape} shape; {torch.get_num_threads()} threads; read bandwidth {bw:.1f} GB/s; "
           f"batch 1, 64-token input, {args.new_tokens} new tokens, median of {args.rounds}")
     ids = torch.randint(2, 32000, (1, 64), generator=torch.Generator().manual_seed(1))
-    modes = (("fp32 unpacked", 4), ("fp32", 4), ("fp32 static", 4), ("bf16", 2), ("bf16 static", 2), ("int8", 1))
+    modes = (("fp32 unpacked", 4), ("fp32", 4), ("fp32 static", 4), ("bf16", 2), ("bf16 static", 2), ("int8", 1),
+             ("int8 static", 1))
     for mode, width in modes:
         if mode.startswith("bf16") and not t5kit.packing.can_prepack(torch.bfloat16):
             print(f"  {mode:13s}: skipped, this CPU has no bfloat16 instructions for oneDNN")
@@ -77,7 +78,7 @@ def main() -> None:
         model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(work)
         if mode.startswith("bf16"):
             model = model.to(torch.bfloat16)
-        if mode == "int8":
+        if mode.startswith("int8"):
             model = t5kit.quantize_dynamic(model)
         elif mode != "fp32 unpacked":
             model = t5kit.prepack(model)

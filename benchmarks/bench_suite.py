@@ -10,7 +10,7 @@ transformers), measuring tokens/s (higher is better). Systems (--systems, comma-
   t5kit[-bf16|-int8|-unpacked]  fp32 and bf16 with prepacked weights (t5kit.prepack, as `t5kit run` does;
                                 bf16 stays unpacked on CPUs without bf16 instructions, e.g. AVX2 only),
                                 int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
-  t5kit[-bf16]-static           the same, generating with cache_implementation="static" (the decoding
+  t5kit[-bf16|-int8]-static     the same, generating with cache_implementation="static" (the decoding
                                 step captured by torch.compile; compiled in the warm-up round)
   ctranslate2[-int8]            CTranslate2's converter and Translator (T5 vocabulary shapes only)
   onnxruntime[-int8]            encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
@@ -57,7 +57,7 @@ from bench_generate import SHAPES, _median_time as _median  # noqa: E402
 VOCAB = HERE.parents[1] / "shared" / "data" / "t5-vocab"
 COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8", "train", "peak RSS MB"]
 SYSTEMS = ["transformers", "transformers-bf16", "transformers-compile", "t5kit", "t5kit-static", "t5kit-unpacked", "t5kit-bf16",
-           "t5kit-bf16-static", "t5kit-int8",
+           "t5kit-bf16-static", "t5kit-int8", "t5kit-int8-static",
            "ctranslate2", "ctranslate2-int8", "onnxruntime", "onnxruntime-int8"]
 GEN_CASES = (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4))
 NEW_TOKENS = 64

@@ -340,18 +340,6 @@ def test_compiled_step_past_its_graph_limit_runs_eagerly(pair, monkeypatch):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_static_cache_runs_untraceable_layers_eagerly(pair):
-    """int8 layers hold a TorchScript object torch.compile cannot trace: the step runs eagerly on
-    the static cache, with a warning, and gives the int8 model's tokens."""
-    _, ours = pair("T5", "gated_untied")
-    quantized = t5kit.quantize_dynamic(copy.deepcopy(ours))
-    ids, mask = batch_for("gated_untied")
-    expected = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6)
-    with pytest.warns(UserWarning, match="DynamicInt8Linear"):
-        got = quantized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, cache_implementation="static")
-    assert torch.equal(got, expected)
-
-
 # ------------------------------------------------------------------------------------------------
 # Sampling.
 

@@ -74,6 +74,39 @@ def test_quantized_model_logits_and_tokens_close_to_float(family, variant):
     assert tokens.shape == greedy.shape
 
 
+@pytest.mark.parametrize("family", ["T5", "UMT5"])  # UMT5: a position bias per layer
+def test_quantized_model_compiled_step_gives_the_eager_tokens(family):
+    """cache_implementation="static" compiles an int8 model's step: fbgemm's products are called from
+    the graph through t5kit::int8_linear (by handle), and greedy and beam tokens equal the eager loop's."""
+    model = t5kit.quantize_dynamic(tiny_model(family, "gated_silu_untied"))
+    ids, mask, _ = make_batch(model.config.vocab_size)
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    for beams in (1, 3):
+        eager = model.generate(**gen, num_beams=beams)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        compiled = model.generate(**gen, num_beams=beams, cache_implementation="static")
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # compiled, not eager
+        with torch.profiler.profile() as prof:
+            again = model.generate(**gen, num_beams=beams, cache_implementation="static")
+        ops = {event.key for event in prof.key_averages()}
+        assert "t5kit::int8_linear" in ops and any("Compiled" in op for op in ops), sorted(ops)
+        assert torch.equal(compiled, eager) and torch.equal(again, eager), beams
+
+
+def test_quantized_layers_release_their_packed_weights():
+    """The handle table a compiled graph reads through holds each layer's weight only while the layer lives."""
+    import gc
+
+    from t5kit import quantization
+
+    layer = DynamicInt8Linear.from_linear(Linear(8, 4))
+    handle = layer._handle
+    assert quantization._PACKED[handle] is layer._packed
+    del layer
+    gc.collect()
+    assert handle not in quantization._PACKED
+
+
 def test_quantized_model_refuses_saving_and_training(tmp_path):
     model = t5kit.quantize_dynamic(tiny_model())
     with pytest.raises(ValueError, match="converted for inference"):

@@ -829,15 +829,7 @@ class GenerationMixin:
         step = self.decode_step  # type: ignore[attr-defined]
         later_step = step
         if static and not gc.disable_compile:
-            untraceable = sorted({type(m).__name__ for m in self.modules() if not getattr(m, "compile_safe", True)})  # type: ignore[attr-defined]
-            if untraceable:
-                warnings.warn(
-                    f"cache_implementation='static': the decoding step is not compiled because torch.compile cannot "
-                    f"trace {', '.join(untraceable)}; it runs eagerly on the static cache (pass disable_compile=True "
-                    "to silence this)", stacklevel=2,
-                )
-            else:
-                later_step = _compiled_step(self)
+            later_step = _compiled_step(self)
         sequences = torch.full((rows, max_length), pad, dtype=torch.long, device=device)
         sequences[:, :prompt] = decoder_input_ids.repeat_interleave(group, 0)
         procs = build_processors(gc, eos_list, vocab, min_length, device) + list(logits_processor or [])

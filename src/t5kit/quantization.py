@@ -20,9 +20,12 @@ quantize after loading).
 
 from __future__ import annotations
 
+import itertools
 import warnings
+import weakref
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +45,23 @@ def _has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
 
 
+# fbgemm's packed weights by handle. The packed weight is a TorchScript object that torch.compile
+# cannot pass into a graph, so a compiled graph calls t5kit::int8_linear with the layer's handle (an
+# int, a constant of the graph) and the op looks the weight up here. Entries go with their layer.
+_PACKED: dict[int, Any] = {}
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("t5kit::int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _PACKED[handle], reduce_range)
+
+
+@_int8_linear_op.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
 class DynamicInt8Linear(nn.Module):
     """A linear layer with int8 weights (per output channel) and per-call int8 activations.
 
@@ -49,14 +69,15 @@ class DynamicInt8Linear(nn.Module):
     are computed in float32 and cast back).
     """
 
-    compile_safe = False  # fbgemm's packed weight is a TorchScript object that torch.compile cannot trace
-
     def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, reduce_range: bool) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self._packed = packed  # fbgemm's prepacked weight (and bias)
         self.reduce_range = reduce_range
+        self._handle = next(_HANDLES)  # the key of _PACKED a compiled graph uses
+        _PACKED[self._handle] = packed
+        weakref.finalize(self, _PACKED.pop, self._handle, None)
 
     @classmethod
     def from_linear(cls, *layers: nn.Linear) -> "DynamicInt8Linear":
@@ -91,7 +112,10 @@ class DynamicInt8Linear(nn.Module):
             raise ValueError(f"expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         refuse_training(self, "an int8-quantized model")
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)
+        if torch.compiler.is_compiling():
+            out = torch.ops.t5kit.int8_linear(flat, self._handle, self.out_features, self.reduce_range)
+        else:
+            out = torch.ops.quantized.linear_dynamic(flat, self._packed, self.reduce_range)  # (rows, out)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
