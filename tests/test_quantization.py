@@ -96,15 +96,20 @@ def test_quantized_model_compiled_step_gives_the_eager_tokens(family):
 def test_quantized_layers_release_their_packed_weights():
     """The handle table a compiled graph reads through holds each layer's weight only while the layer lives."""
     import gc
+    from copy import deepcopy
 
     from t5kit import quantization
 
-    layer = DynamicInt8Linear.from_linear(Linear(8, 4))
+    layer = DynamicInt8Linear.from_linear(Linear(8, 4)).eval()
     handle = layer._handle
     assert quantization._PACKED[handle] is layer._packed
+    copy = deepcopy(layer)
+    assert copy._handle != handle and quantization._PACKED[copy._handle] is copy._packed
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(copy(x), layer(x))
     del layer
     gc.collect()
-    assert handle not in quantization._PACKED
+    assert handle not in quantization._PACKED and copy._handle in quantization._PACKED
 
 
 def test_quantized_model_refuses_saving_and_training(tmp_path):

@@ -30,8 +30,8 @@ from torch import nn
 from .modeling import _dnn_linear
 
 __all__ = [
-    "PackedLinear", "can_prepack", "keep_freed_memory", "prepack", "refuse_training", "release_freed_memory", "replace_linears",
-    "stack_linears",
+    "PackedLinear", "can_prepack", "keep_freed_memory", "prepack", "refuse_training", "release_freed_memory",
+    "replace_linears", "stack_linears",
 ]
 
 
@@ -270,8 +270,9 @@ def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
     """Store every linear layer's weight of ``model`` (in place) in oneDNN's blocked layout.
 
     The model must be on the CPU in float32 or bfloat16 (convert first: ``model.to(torch.bfloat16)``
-    then ``prepack``; bfloat16 needs a CPU with bfloat16 instructions, see :func:`can_prepack`). Returns the model in eval mode, for inference only: ``save_pretrained`` and
-    training refuse it with a clear error. Logits equal the unpacked model's to float32 rounding.
+    then ``prepack``; bfloat16 needs a CPU with bfloat16 instructions, see :func:`can_prepack`).
+    Returns the model in eval mode, for inference only: ``save_pretrained`` and training refuse it
+    with a clear error. Logits equal the unpacked model's to float32 rounding.
     ``keep_memory`` (default) also calls :func:`keep_freed_memory`, which changes how this whole
     process returns memory to the kernel; pass False to leave the allocator alone.
 

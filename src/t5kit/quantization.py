@@ -75,9 +75,16 @@ class DynamicInt8Linear(nn.Module):
         self.out_features = out_features
         self._packed = packed  # fbgemm's prepacked weight (and bias)
         self.reduce_range = reduce_range
+        self._register()
+
+    def _register(self) -> None:
         self._handle = next(_HANDLES)  # the key of _PACKED a compiled graph uses
-        _PACKED[self._handle] = packed
+        _PACKED[self._handle] = self._packed
         weakref.finalize(self, _PACKED.pop, self._handle, None)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._register()  # a copy (copy.deepcopy) gets a handle of its own, not the original's
 
     @classmethod
     def from_linear(cls, *layers: nn.Linear) -> "DynamicInt8Linear":
