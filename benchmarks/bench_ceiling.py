@@ -7,7 +7,8 @@ q/k/v/o, cross-attention q/o (the cross keys/values are computed once per input,
 the feed-forward matrices and the output projection. Weights do not fit in the caches, so the
 floor is (those bytes) / (the memory bandwidth this machine achieves reading a large buffer with
 the threads torch uses). Prints the floor, t5kit's measured step time per mode (fp32 with plain
-and prepacked weights, bf16 prepacked, int8; each but the first also with the compiled static step) and the ratio. The step time is greedy generation
+and prepacked weights, bf16 prepacked, int8; each but the first also with the compiled static
+step) and the ratio. The step time is greedy generation
 time / new tokens, so it includes the sampling loop and the one-off encoder and cross
 keys/values (a few percent at 64 tokens).
 """

@@ -128,12 +128,14 @@ def _onednn_dtypes() -> frozenset[torch.dtype]:
     """The dtypes oneDNN's product runs in on this CPU: float32 wherever PyTorch has oneDNN;
     bfloat16 only on CPUs with bfloat16 instructions (AVX-512 or AMX: oneDNN has no bfloat16
     product for AVX2-only processors such as AMD Zen 3, and refuses to create one)."""
-    dtypes = set()
+    if not torch.backends.mkldnn.is_available():
+        return frozenset()
+    dtypes: set[torch.dtype] = set()
     for dtype in (torch.float32, torch.bfloat16):
         try:
             x = torch.ones(2, 3, dtype=dtype)
             y = torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 3, dtype=dtype), None, "none", [], "")
-            if torch.backends.mkldnn.is_available() and bool(y.eq(3).all()):
+            if bool(y.eq(3).all()):
                 dtypes.add(dtype)
         except (AttributeError, RuntimeError):
             pass

@@ -75,8 +75,6 @@ class PackedLinear(nn.Module):
             raise ValueError(
                 f"prepack needs float32 or bfloat16 weights on the CPU, got {weight.dtype} on {weight.device}"
             )
-        if not torch.backends.mkldnn.is_available():
-            raise RuntimeError("prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks")
         _check_onednn_dtype(weight.dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)  # (out, in) in oneDNN's layout
         return cls(layers[0].in_features, weight.shape[0], packed, bias)
@@ -258,6 +256,9 @@ def can_prepack(dtype: torch.dtype) -> bool:
 
 
 def _check_onednn_dtype(dtype: torch.dtype) -> None:
+    """Raise unless oneDNN can run ``dtype`` products here (see :func:`can_prepack`), saying why."""
+    if not torch.backends.mkldnn.is_available():
+        raise RuntimeError("prepack needs PyTorch's oneDNN (mkldnn) backend, which this build lacks")
     if not can_prepack(dtype):
         raise ValueError(
             f"this CPU cannot run oneDNN's {dtype} products (it has {torch.backends.cpu.get_cpu_capability()}; "
@@ -284,10 +285,11 @@ def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
     """
     # Checked for every layer before any is converted, so a bad dtype never leaves a half-packed model.
     for name, layer in model.named_modules():
-        if isinstance(layer, nn.Linear) and layer.weight.dtype not in (torch.float32, torch.bfloat16):
+        if not isinstance(layer, nn.Linear):
+            continue
+        if layer.weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"prepack needs float32 or bfloat16 weights, but {name} is {layer.weight.dtype}")
-        if isinstance(layer, nn.Linear):
-            _check_onednn_dtype(layer.weight.dtype)
+        _check_onednn_dtype(layer.weight.dtype)
     return replace_linears(model, PackedLinear.from_linear, "prepacked", keep_memory=keep_memory)
 
 
