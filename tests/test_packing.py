@@ -11,7 +11,9 @@ import torch
 import t5kit
 from conftest import FAMILIES, VARIANTS, assert_rel_close, make_batch, tiny_model
 from t5kit.modeling import Linear
-from t5kit.packing import PackedLinear, can_prepack, keep_freed_memory, release_freed_memory
+from t5kit import packing
+from t5kit.modeling import blocked_gemm_width, blocked_linear_lowered
+from t5kit.packing import BlockedLinear, PackedLinear, can_prepack, keep_freed_memory, release_freed_memory
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs PyTorch's oneDNN backend")
 
@@ -98,12 +100,13 @@ def test_prepacked_model_gives_the_same_logits_and_tokens(family, variant):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
-def test_prepacked_model_compiled_step_against_eager(dtype):
+def test_prepacked_model_compiled_step_against_eager(dtype, monkeypatch):
     """cache_implementation="static" compiles the step; the oneDNN products go into the graph as the
     t5kit::dnn_linear custom op on the packed weights, lowered to oneDNN's C call (the custom op's
     own body never runs). float32: the eager tokens. bfloat16: inductor rounds fused bf16 maths
     differently, so the scores are compared up to (and at) the first step where the tokens part,
-    from equal prefixes."""
+    from equal prefixes. (The step's layers stay in oneDNN's layout here: see the blocked test.)"""
+    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", False)
     model = t5kit.prepack(tiny_model("T5", "relu_tied").to(dtype))
     ids, mask, _ = make_batch(model.config.vocab_size)
     gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
@@ -122,6 +125,65 @@ def test_prepacked_model_compiled_step_against_eager(dtype):
             assert_rel_close(a[b.isfinite()], b[b.isfinite()], rel=3e-2, what=f"bf16 compiled scores, step {step}")
             if not torch.equal(compiled.sequences[:, : step + 2], eager.sequences[:, : step + 2]):
                 break
+
+
+needs_blocked = pytest.mark.skipif(not blocked_linear_lowered(), reason="needs inductor's CPU matrix-product template")
+
+
+@needs_blocked
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_features", [48, 37])  # whole blocks; padded to them
+def test_blocked_layer_holds_the_weight_and_equals_f_linear(out_features, bias):
+    torch.manual_seed(0)
+    layer = Linear(40, out_features, bias=bias)
+    width = blocked_gemm_width()
+    blocked = BlockedLinear.from_packed(PackedLinear.from_linear(layer), width)
+    weight = blocked._packed  # (blocks, in, width)
+    assert weight.shape == (-(-out_features // width), 40, width)
+    unblocked = weight.transpose(1, 2).reshape(-1, 40)  # (blocks * width, in)
+    assert torch.equal(unblocked[:out_features], layer.weight.detach())  # read back out of oneDNN exactly
+    assert not unblocked[out_features:].any()  # the padding is zeros
+    for shape in [(0, 40), (1, 40), (5, 3, 40)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            out = blocked(x)
+        assert out.shape == expected.shape and out.is_contiguous()
+        if x.numel():
+            assert_rel_close(out, expected, what="blocked linear")
+    with pytest.raises(ValueError, match="last dimension 40"):
+        blocked(torch.randn(2, 39))
+    with pytest.raises(ValueError, match="cannot be moved"):
+        blocked.to(torch.bfloat16)
+
+
+@needs_blocked
+@pytest.mark.parametrize("family", ["T5", "UMT5"])
+def test_compiled_step_reads_blocked_weights_through_the_template(family, monkeypatch):
+    """With BLOCK_DECODING_STEP, the first static generation re-stores the step's prepacked layers as
+    BlockedLinear (not cross-attention's keys/values) and the graph runs inductor's template kernel
+    for them (the custom op's body never runs): greedy and beam tokens equal the eager prepacked
+    model's, at two batch sizes (3 rows, then 9 beams: the second compile makes the rows symbolic)."""
+    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
+    model = t5kit.prepack(tiny_model(family, "gated_untied"))
+    eager_model = t5kit.prepack(tiny_model(family, "gated_untied"))
+    ids, mask, _ = make_batch(model.config.vocab_size)
+    for beams in (1, 3):
+        gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, num_beams=beams)
+        eager = eager_model.generate(**gen)
+        model.generate(**gen, cache_implementation="static")  # compiles
+        with torch.profiler.profile() as prof:
+            compiled = model.generate(**gen, cache_implementation="static")
+        ops = {event.key for event in prof.key_averages()}
+        assert "t5kit::blocked_linear" not in ops and any("Compiled" in op for op in ops), sorted(ops)
+        assert torch.equal(compiled, eager), beams
+    assert isinstance(model.lm_head, BlockedLinear)
+    for block in model.decoder.block:
+        assert isinstance(block.layer[0].SelfAttention.qkv, BlockedLinear)
+        assert isinstance(block.layer[1].EncDecAttention.q, BlockedLinear)
+        assert type(block.layer[1].EncDecAttention.kv) is PackedLinear  # many rows, once: oneDNN
+    assert all(type(m) is not BlockedLinear for m in model.encoder.modules())
+    assert not packing.block_decoding_step(tiny_model(family, "gated_untied"))  # only prepacked models
 
 
 @needs_bf16

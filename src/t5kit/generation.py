@@ -899,8 +899,14 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     compiled a graph then returns the compiler's freed memory to the kernel (see
     :func:`t5kit.packing.release_freed_memory`): prepack's allocator setting would keep it resident.
     Past ``_RECOMPILE_LIMIT`` graphs (many configs or shapes in one process) the generation warns
-    and runs its steps eagerly, as ``disable_compile=True`` would.
+    and runs its steps eagerly, as ``disable_compile=True`` would. A prepacked float32 model has its
+    step's layers re-stored for inductor's own matrix-product kernels first (see
+    :func:`t5kit.packing.block_decoding_step`).
     """
+    from . import packing  # lazy: packing imports the models
+
+    if packing.BLOCK_DECODING_STEP:
+        packing.block_decoding_step(model)  # once per model: later calls find nothing left to block
     cls = type(model)
     if cls not in _COMPILED_STEPS:
         from .modeling import _lower_dnn_linear  # lazy: modeling imports this module
@@ -935,9 +941,7 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
             fn = cls.decode_step  # eager for the rest of this generation
             return fn(model, *args)
         if _graphs_compiled() != graphs:
-            from .packing import release_freed_memory  # lazy: packing imports the models
-
-            release_freed_memory()
+            packing.release_freed_memory()
         return logits
 
     return step

@@ -171,6 +171,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> to
 
 
 _DNN_LINEAR_LOWERING: dict[str, Any] | None = None
+_BLOCKED_LOWERED = False  # t5kit::blocked_linear has its lowering (set by _lower_dnn_linear)
 
 
 def _lower_dnn_linear() -> dict[str, Any]:
@@ -186,8 +187,10 @@ def _lower_dnn_linear() -> dict[str, Any]:
     Registered once per process. Inductor's graph cache does not see lowerings, so the options
     carry a no-op graph pass whose uuid names this one: graphs cached without it are not reused.
     Uses inductor internals; where they differ (another torch) the op stays opaque: slower, equal.
+    Also registers the lowering of ``t5kit::blocked_linear`` (:func:`_lower_blocked_linear`) where
+    :func:`blocked_gemm_width` found the template it needs.
     """
-    global _DNN_LINEAR_LOWERING
+    global _DNN_LINEAR_LOWERING, _BLOCKED_LOWERED
     if _DNN_LINEAR_LOWERING is not None:
         return _DNN_LINEAR_LOWERING
     _DNN_LINEAR_LOWERING = {}
@@ -216,11 +219,169 @@ def _lower_dnn_linear() -> dict[str, Any]:
             pass
 
         def uuid(self) -> str:
-            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, v1"
+            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, t5kit::blocked_linear to CppGemmTemplate, v2"
 
     register_lowering(torch.ops.t5kit.dnn_linear.default, type_promotion_kind=None)(lower)
+    if blocked_gemm_width() is not None:
+        register_lowering(torch.ops.t5kit.blocked_linear.default, type_promotion_kind=None)(_lower_blocked_linear)
+        _BLOCKED_LOWERED = True
     _DNN_LINEAR_LOWERING = {"post_grad_custom_pre_pass": CacheKey()}
     return _DNN_LINEAR_LOWERING
+
+
+def blocked_linear_lowered() -> bool:
+    """Whether compiled graphs run ``t5kit::blocked_linear`` as inductor's template kernel (registering
+    the lowerings if not yet done); without it the op would call its eager body from the graph."""
+    _lower_dnn_linear()
+    return _BLOCKED_LOWERED
+
+
+def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``x @ W.T + bias`` from a weight blocked for inductor's CPU matrix-product template
+    (``t5kit.packing.BlockedLinear``): ``weight`` is (blocks, in, width) with
+    ``W[j * width + c, k] = weight[j, k, c]``, W zero-padded to ``blocks * width >= out_features`` rows.
+    Compiled, the product is inductor's template kernel (see :func:`_lower_blocked_linear`); eager, a
+    batched product over the blocks."""
+    if torch.compiler.is_compiling():
+        return torch.ops.t5kit.blocked_linear(x, weight, bias, out_features)
+    return _blocked_linear_eager(x, weight, bias, out_features)
+
+
+def _blocked_linear_eager(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
+) -> torch.Tensor:
+    blocks, k, width = weight.shape
+    y = torch.matmul(x.reshape(1, -1, k), weight)  # (blocks, rows, width)
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], blocks * width)[..., :out_features]
+    return (y if bias is None else y + bias).contiguous()
+
+
+@torch.library.custom_op("t5kit::blocked_linear", mutates_args=())
+def _blocked_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_features: int  # noqa: UP045
+) -> torch.Tensor:
+    return _blocked_linear_eager(x, weight, bias, out_features)
+
+
+@_blocked_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:  # noqa: UP045
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+_BLOCKED_GEMM_WIDTH: list[int | None] = []  # [width] once probed
+
+
+def blocked_gemm_width() -> int | None:
+    """The block width (output features per block) of ``t5kit.packing.BlockedLinear`` weights on this
+    CPU: the widest float32 register block of inductor's CPU matrix-product template here (24 with
+    AVX2, 48 with AVX-512), or None where that template is missing or works otherwise (another torch).
+
+    Inductor picks a block per product by its shape (a 512-wide product gets 16 on AVX2); the
+    lowering makes it use this one, so one stored layout serves every batch size. On an AVX2 CPU
+    (AMD Zen 3) the 24-wide block was as fast as oneDNN at 32 rows and faster below (12% at 16 rows,
+    about 30% at one row), where the 16-wide one was 12% slower at 32 rows."""
+    if not _BLOCKED_GEMM_WIDTH:
+        width = None
+        try:
+            width = _probe_blocked_gemm_width()
+        except Exception:  # noqa: BLE001 - internals of another torch: the feature is just unavailable
+            width = None
+        _BLOCKED_GEMM_WIDTH.append(width)
+    return _BLOCKED_GEMM_WIDTH[0]
+
+
+def _forced_micro_gemm(width: int) -> Callable[..., Any]:
+    """Inductor's ``create_micro_gemm``, made to pick the ``width``-wide register block: it ranks
+    blocks first by whether they divide the product's width, so it is asked about ``width * 101``
+    outputs (divisible by ``width``, by none of the wider blocks, and with enough blocks per thread)."""
+    from torch._inductor.codegen import cpp_micro_gemm
+
+    def create(name: str, m: Any, n: Any, k: Any, **kwargs: Any) -> Any:
+        micro = cpp_micro_gemm.create_micro_gemm(name, m, width * 101, k, **kwargs)
+        if micro is None or micro.register_blocking.block_n != width:
+            raise RuntimeError(f"inductor's CPU template did not take a {width}-wide block ({micro})")
+        return micro
+
+    return create
+
+
+def _probe_blocked_gemm_width() -> int | None:
+    import torch._inductor.lowering  # noqa: F401 - imports the codegen modules in an order that works
+    from torch._inductor.codegen import cpp_micro_gemm
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+
+    isa = pick_vec_isa()
+    widths = [
+        config.register_blocking.block_n
+        for configs in cpp_micro_gemm.micro_gemm_configs.values()
+        for config in configs
+        if isinstance(isa, config.vec_isa_cls) and config.input_dtype == config.input2_dtype == torch.float32
+        and config.output_dtype == torch.float32 and config.extra_check is None
+    ]
+    if not widths:
+        return None
+    width = max(widths)
+
+    class Graph:  # create_micro_gemm reads sizes through the graph being lowered
+        sizevars = SizeVarAllocator()
+
+    with V.set_graph_handler(Graph()):  # type: ignore[arg-type]
+        _forced_micro_gemm(width)(
+            "probe", 1, width, 64, input_dtype=torch.float32, input2_dtype=torch.float32, num_threads=2, use_ref=False
+        )
+    return width
+
+
+def _lower_blocked_linear(x: Any, weight: Any, bias: Any, out_features: int) -> Any:
+    """Inductor lowering of ``t5kit::blocked_linear``: its CPU matrix-product template (a C++ kernel
+    generated for the shape, the batch-1 decoding products streaming their weights about 1.6x faster
+    than oneDNN on an AVX2 CPU), reading the stored blocked weight as it is. Built for weights that
+    inductor itself blocks when it freezes them (a copy of every weight); here the weight is blocked
+    already, so the template is handed a stand-in of the logical (in, out) shape and given the real
+    one where it would block it."""
+    from unittest import mock
+
+    from torch._inductor import ir
+    from torch._inductor import lowering as L
+    from torch._inductor.codegen import cpp_gemm_template
+    from torch._inductor.select_algorithm import autotune_select_algorithm
+
+    blocks, k, width = (int(s) for s in weight.get_size())  # parameters: static sizes
+    lead = x.get_size()[:-1]
+    x2 = ir.ExternKernel.require_contiguous(ir.ExternKernel.realize_input(L.view(x, [-1, k])))  # (rows, in)
+    w = ir.ExternKernel.realize_input(weight)
+    stand_in = ir.ReinterpretView(
+        data=w.data if isinstance(w, ir.TensorBox) else w,
+        layout=ir.FixedLayout(w.get_device(), w.get_dtype(), [k, out_features], [1, k]),
+    )
+    def forced() -> Any:  # a new patch each time: they nest (add_choices renders once)
+        return mock.patch.object(cpp_gemm_template, "create_micro_gemm", _forced_micro_gemm(width))
+
+    class Template(cpp_gemm_template.CppGemmTemplate):
+        @staticmethod
+        def check_if_block_weight(W: Any, micro_gemm: Any) -> bool:
+            return True
+
+        @classmethod
+        def block_weight(cls, W: Any, new_size: Any, padding: Any) -> Any:
+            if list(new_size) != [blocks, k, width]:
+                raise RuntimeError(f"inductor wants a {list(new_size)} blocked weight, the layer holds {[blocks, k, width]}")
+            return w
+
+        def get_options(self, *args: Any, **kwargs: Any) -> Any:  # renders with the same forced block
+            with forced():
+                return super().get_options(*args, **kwargs)
+
+    layout = ir.FixedLayout(x.get_device(), x.get_dtype(), [x2.get_size()[0], out_features])
+    choices: list[Any] = []
+    with forced():
+        Template.add_choices(choices, layout, [x2, stand_in])
+    node, _ = autotune_select_algorithm("t5kit_blocked_linear", choices, [x2, stand_in], layout)  # one choice: no tuning
+    if bias is not None:
+        node = L.add(node, bias)
+    return L.view(node, [*lead, out_features])
 
 
 class _DnnLinearFunction(torch.autograd.Function):
