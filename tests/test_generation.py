@@ -302,19 +302,19 @@ def test_static_cache_and_compiled_step_give_the_eager_tokens(pair, family):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > captured  # the step was compiled, not run eagerly
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, open: a umT5 step compiled again for one row gives wrong logits")
-def test_compiled_step_after_a_batch_size_change(pair):
-    """Known bug (found 2026-11-23, not yet fixed): static greedy on 3 rows, then on 1 row of the
-    same inputs, both with 8 new tokens; the second generation's compiled steps (recompiled for one
-    row, with symbolic strides for the cross-attention keys/values) give logits off by up to 5.6
-    from the eager ones, and other tokens. With 6 new tokens, or rows 1 then 3, the tokens match.
-    Strict: this test fails once the bug is fixed, so the marker comes off with the fix."""
+@pytest.mark.xfail(strict=True, reason="torch 2.13 inductor miscompiles this step (d_kv=7, one row); open")
+def test_compiled_step_with_one_row_and_seven_wide_heads(pair):
+    """Known bug, found 2026-11-23, not yet worked around: with d_kv = 7 (this test config), one row
+    and a static cache of 9+ positions, inductor's vectorized CPU kernel that fuses the cache write,
+    the scores and the softmax (tiled over the heads) gives wrong scores from the first compiled step
+    (off by up to 10), so other tokens; `cpp.simdlen=1` or `max_fusion_size=1` avoid it, and
+    aot_eager is right. d_kv 5, 8, 12, 16 and the d_kv = 64 of real checkpoints (2, 6, 8 heads) give
+    the eager tokens. Strict: this test fails once the bug is fixed, so the marker comes off then."""
     _, ours = pair("UMT5", "gated_untied")
-    fresh = _copy_of_new_class(ours)
     ids, mask = batch_for("gated_untied")
-    for rows in (3, 1):
-        kw = dict(input_ids=ids[:rows], attention_mask=mask[:rows], max_new_tokens=8, eos_token_id=None)
-        assert torch.equal(fresh.generate(**kw, cache_implementation="static"), ours.generate(**kw)), rows
+    kw = dict(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=8, eos_token_id=None)
+    assert ours.config.d_kv == 7
+    assert torch.equal(ours.generate(**kw, cache_implementation="static"), ours.generate(**kw))
 
 
 def _copy_of_new_class(model):
