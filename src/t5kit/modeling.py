@@ -356,6 +356,7 @@ def _lower_blocked_linear(x: Any, weight: Any, bias: Any, out_features: int) -> 
         data=w.data if isinstance(w, ir.TensorBox) else w,
         layout=ir.FixedLayout(w.get_device(), w.get_dtype(), [k, out_features], [1, k]),
     )
+
     def forced() -> Any:  # a new patch each time: they nest (add_choices renders once)
         return mock.patch.object(cpp_gemm_template, "create_micro_gemm", _forced_micro_gemm(width))
 

@@ -138,9 +138,9 @@ class BlockedLinear(PackedLinear):
         # oneDNN's layout is opaque: W.T's rows are the products of identity rows with it (exact in
         # float32: every sum is one weight plus zeros), taken a few MB at a time.
         rows = max(1, (8 << 20) // (4 * blocks * width))
+        eye = torch.eye(k)
         for start in range(0, k, rows):
-            eye = torch.eye(k)[start : start + rows]
-            chunk = _dnn_linear(eye, layer._packed, None)  # (rows, out) = W.T[start : start + rows]
+            chunk = _dnn_linear(eye[start : start + rows], layer._packed, None)  # (rows, out) = W.T[start : start + rows]
             chunk = _pad_columns(chunk, blocks * width)
             blocked[:, start : start + rows] = chunk.view(-1, blocks, width).transpose(0, 1)
         bias = None if layer._bias is None else layer._bias.detach().clone()
@@ -148,7 +148,10 @@ class BlockedLinear(PackedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != self.dtype:
-            raise ValueError(f"this layer was blocked for {self.dtype} on the CPU but got {x.dtype} on {x.device}")
+            raise ValueError(
+                f"this layer was blocked for {self.dtype} on the CPU but got {x.dtype} on {x.device}; "
+                "feed it float32 CPU inputs (the model's own dtype and device)"
+            )
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         refuse_training(self, "a prepacked model")
