@@ -90,6 +90,10 @@ class PackedLinear(nn.Module):
         refuse_training(self, "a prepacked model")
         if x.numel() == 0:
             return x.new_empty(*x.shape[:-1], self.out_features)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` from the stored weight (inputs already checked)."""
         return _dnn_linear(x, self._packed, self._bias)
 
     def check_move(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -146,17 +150,7 @@ class BlockedLinear(PackedLinear):
         bias = None if layer._bias is None else layer._bias.detach().clone()
         return cls(k, n, blocked, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dtype != self.dtype:
-            raise ValueError(
-                f"this layer was blocked for {self.dtype} on the CPU but got {x.dtype} on {x.device}; "
-                "feed it float32 CPU inputs (the model's own dtype and device)"
-            )
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}")
-        refuse_training(self, "a prepacked model")
-        if x.numel() == 0:
-            return x.new_empty(*x.shape[:-1], self.out_features)
+    def _product(self, x: torch.Tensor) -> torch.Tensor:  # PackedLinear.forward checks the inputs
         return _blocked_linear(x, self._packed, self._bias, self.out_features)
 
     def extra_repr(self) -> str:
