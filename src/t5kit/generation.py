@@ -929,8 +929,10 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
         checked = True
         graphs = _graphs_compiled()
         limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+        from .modeling import inductor_fixes  # lazy: modeling imports this module
+
         try:
-            with torch._dynamo.config.patch(recompile_limit=limit):
+            with torch._dynamo.config.patch(recompile_limit=limit), inductor_fixes():
                 logits = compiled(model, *args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(

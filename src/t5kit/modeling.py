@@ -24,8 +24,11 @@ clamped to the finite float16 range (one helper, ``_clamp_fp16``). Prefer bfloat
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +222,7 @@ def _lower_dnn_linear() -> dict[str, Any]:
             pass
 
         def uuid(self) -> str:
-            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, t5kit::blocked_linear to CppGemmTemplate, v2"
+            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, t5kit::blocked_linear to CppGemmTemplate, no outer-loop fusion over a tiled loop, v3"
 
     register_lowering(torch.ops.t5kit.dnn_linear.default, type_promotion_kind=None)(lower)
     if blocked_gemm_width() is not None:
@@ -234,6 +237,38 @@ def blocked_linear_lowered() -> bool:
     the lowerings if not yet done); without it the op would call its eager body from the graph."""
     _lower_dnn_linear()
     return _BLOCKED_LOWERED
+
+
+@contextlib.contextmanager
+def inductor_fixes() -> Iterator[None]:
+    """Work around an inductor CPU miscompile while t5kit's decoding step compiles.
+
+    torch 2.13's C++ codegen may fuse the passes of a softmax under one outer loop and keep the
+    scores of one row in a local buffer. When that outer loop is itself vectorized (tiled over the
+    heads, as it is for a decoding step with ``d_kv = 7`` and 2+ heads), all the heads of a tile write
+    one row of the buffer, and every head but the last gets another head's scores: silently wrong
+    logits. Inside this context inductor refuses outer-loop fusion over a tiled loop and emits the
+    separate loops it emits whenever that fusion does not apply (correct, and no slower in the
+    shapes of real checkpoints, whose fused loops are not tiled). Where inductor's internals differ
+    (another torch) nothing is patched.
+    """
+    try:
+        from torch._inductor.codegen.cpp import OuterLoopFusedSchedulerNode
+        from torch._inductor.virtualized import V
+    except ImportError:
+        yield
+        return
+    check = OuterLoopFusedSchedulerNode.check_outer_fusion_loop_level_attr
+
+    def no_local_buffer_in_tiled_loops(self: Any, proxies: list[Any], depth: int) -> bool:
+        # Called while the fused kernel is generated, inside the context that holds its local buffers.
+        tiled = any(loop.steps != 1 for proxy in proxies for loop in (proxy.loop_nest.loops or [])[:depth])
+        if tiled and getattr(V.local_buffer_context, "local_buffers", None):
+            return False  # inductor then generates the nodes without the fused loop and its local buffer
+        return check(self, proxies, depth)
+
+    with mock.patch.object(OuterLoopFusedSchedulerNode, "check_outer_fusion_loop_level_attr", no_local_buffer_in_tiled_loops):
+        yield
 
 
 def _blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
