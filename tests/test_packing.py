@@ -158,13 +158,50 @@ def test_blocked_layer_holds_the_weight_and_equals_f_linear(out_features, bias):
 
 
 @needs_blocked
+@pytest.mark.parametrize("bias", [False, True])
+def test_large_layer_is_packed_in_pieces_and_blocked_a_piece_at_a_time(bias, monkeypatch):
+    """Where the step is blocked, a layer over PACK_PIECE_BYTES is packed in pieces of whole
+    192-output groups (here 192 + 192 + 16): its products equal F.linear. Blocking it gives the
+    weight that blocking the whole layer gives, and releases each piece as it goes (the consumed
+    layer then refuses to run). Where the step is not blocked nothing is pieced."""
+    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
+    monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 192 * 40 * 4)
+    torch.manual_seed(0)
+    layer = Linear(40, 400, bias=bias)
+    pieced = PackedLinear.from_linear(layer)
+    assert [getattr(pieced, name).shape[0] for name in pieced._pieces] == [192, 192, 16]
+    assert "in 3 pieces" in repr(pieced) and not pieced.state_dict()
+    x = torch.randn(5, 3, 40)
+    with torch.no_grad():
+        assert_rel_close(pieced(x), torch.nn.functional.linear(x, layer.weight, layer.bias), what="pieced linear")
+    width = blocked_gemm_width()
+    blocked = BlockedLinear.from_packed(pieced, width)
+    monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 1 << 40)
+    whole = PackedLinear.from_linear(layer)
+    assert len(whole._pieces) == 1
+    assert torch.equal(blocked._packed, BlockedLinear.from_packed(whole, width)._packed)
+    assert all(getattr(pieced, name).numel() == 0 for name in pieced._pieces)  # released
+    with pytest.raises(RuntimeError, match="released"), torch.no_grad():
+        pieced(x)
+    with pytest.raises(ValueError, match="consumed"):
+        BlockedLinear.from_packed(pieced, width)
+    monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 192 * 40 * 4)
+    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", False)
+    assert len(PackedLinear.from_linear(layer)._pieces) == 1
+
+
+@needs_blocked
 @pytest.mark.parametrize("family", ["T5", "UMT5"])
 def test_compiled_step_reads_blocked_weights_through_the_template(family, monkeypatch):
     """With BLOCK_DECODING_STEP, the first static generation re-stores the step's prepacked layers as
     BlockedLinear (not cross-attention's keys/values) and the graph runs inductor's template kernel
     for them (the custom op's body never runs): greedy and beam tokens equal the eager prepacked
-    model's, at two batch sizes (3 rows, then 9 beams: the second compile makes the rows symbolic)."""
+    model's, at two batch sizes (3 rows, then 9 beams: the second compile makes the rows symbolic).
+    umT5's layers are packed in pieces of one block (see PACK_PIECE_BYTES), eager and blocked."""
     monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
+    if family == "UMT5":
+        monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 1)
+        monkeypatch.setattr(packing, "_PIECE_ALIGN", blocked_gemm_width())
     model = t5kit.prepack(tiny_model(family, "gated_untied"))
     eager_model = t5kit.prepack(tiny_model(family, "gated_untied"))
     ids, mask, _ = make_batch(model.config.vocab_size)
@@ -184,6 +221,8 @@ def test_compiled_step_reads_blocked_weights_through_the_template(family, monkey
         assert type(block.layer[1].EncDecAttention.kv) is PackedLinear  # many rows, once: oneDNN
     assert all(type(m) is not BlockedLinear for m in model.encoder.modules())
     assert not packing.block_decoding_step(tiny_model(family, "gated_untied"))  # only prepacked models
+    if family == "UMT5":
+        assert len(eager_model.lm_head._pieces) == -(-model.config.vocab_size // blocked_gemm_width()) > 1
 
 
 @needs_bf16
