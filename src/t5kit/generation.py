@@ -904,13 +904,12 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     :func:`t5kit.packing.block_decoding_step`).
     """
     from . import packing  # lazy: packing imports the models
+    from .modeling import _lower_dnn_linear, inductor_fixes  # lazy: modeling imports this module
 
     if packing.BLOCK_DECODING_STEP:
         packing.block_decoding_step(model)  # once per model: later calls find nothing left to block
     cls = type(model)
     if cls not in _COMPILED_STEPS:
-        from .modeling import _lower_dnn_linear  # lazy: modeling imports this module
-
         # cpp_wrapper: the graph's calls (~75 kernels and products a t5-base step) run from C++, not
         # from a generated Python function: about 1.3 ms a step less on t5-base (6%), 0.2 ms on
         # t5-small. A cold first compile of t5-base took 54 s against 35 s without it (cached on disk
@@ -929,8 +928,6 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
         checked = True
         graphs = _graphs_compiled()
         limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-        from .modeling import inductor_fixes  # lazy: modeling imports this module
-
         try:
             with torch._dynamo.config.patch(recompile_limit=limit), inductor_fixes():
                 logits = compiled(model, *args)

@@ -316,7 +316,6 @@ def blocked_gemm_width() -> int | None:
     (AMD Zen 3) the 24-wide block was as fast as oneDNN at 32 rows and faster below (12% at 16 rows,
     about 30% at one row), where the 16-wide one was 12% slower at 32 rows."""
     if not _BLOCKED_GEMM_WIDTH:
-        width = None
         try:
             width = _probe_blocked_gemm_width()
         except Exception:  # noqa: BLE001 - internals of another torch: the feature is just unavailable
@@ -376,8 +375,6 @@ def _lower_blocked_linear(x: Any, weight: Any, bias: Any, out_features: int) -> 
     inductor itself blocks when it freezes them (a copy of every weight); here the weight is blocked
     already, so the template is handed a stand-in of the logical (in, out) shape and given the real
     one where it would block it."""
-    from unittest import mock
-
     from torch._inductor import ir
     from torch._inductor import lowering as L
     from torch._inductor.codegen import cpp_gemm_template

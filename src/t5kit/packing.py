@@ -96,11 +96,12 @@ class PackedLinear(nn.Module):
         _check_onednn_dtype(weight.dtype)
         n, k = weight.shape
         step = n
-        if BLOCK_DECODING_STEP and weight.dtype == torch.float32 and weight.numel() * 4 > PACK_PIECE_BYTES:
+        big = weight.dtype == torch.float32 and weight.numel() * 4 > PACK_PIECE_BYTES
+        if big and BLOCK_DECODING_STEP and blocked_gemm_width() is not None:  # where it will be blocked
             step = max(_PIECE_ALIGN, PACK_PIECE_BYTES // (4 * k) // _PIECE_ALIGN * _PIECE_ALIGN)
         # (out, in) in oneDNN's layout, whole or in pieces along the outputs
         pieces = [torch.ops.mkldnn._reorder_linear_weight(weight[start : start + step], None) for start in range(0, n, step)]
-        return cls(layers[0].in_features, n, pieces[0] if len(pieces) == 1 else pieces, bias)
+        return cls(layers[0].in_features, n, pieces, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != self.dtype:
