@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import os
+
 import pytest
 import torch
 
 from t5kit import EncoderDecoderCache
+from t5kit import cache as cache_module
+from t5kit.cache import off_heap_zeros
 
 
 @pytest.mark.parametrize("max_length", [None, 8])
@@ -85,3 +90,52 @@ def test_static_cache_reorders_the_written_length_only() -> None:
     cache.reorder_cache(torch.tensor([2, 0, 1]))  # no length: the whole buffer moves
     assert buf[:, 0, 0, 0].tolist() == [0.0, 2.0, 2.0] and buf[:, 0, 2, 0].tolist() == [12.0, 10.0, 11.0]
     assert cache.self_keys[0] is buf
+
+
+# ------------------------------------------------------------------------------------------------
+# Buffers that live for a generation, mapped outside the heap (OFF_HEAP_BYTES).
+
+
+def _mapping_at(address: int) -> str | None:
+    """The /proc/self/maps line of the mapping that starts at ``address``, if any."""
+    for line in open("/proc/self/maps"):
+        if int(line.split("-", 1)[0], 16) == address:
+            return line
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_large_cpu_buffers_get_their_own_mapping_and_give_it_back() -> None:
+    shape = (2, 4, 64, 1024)  # 2 MB of float32: over OFF_HEAP_BYTES
+    assert math.prod(shape) * 4 >= cache_module.OFF_HEAP_BYTES
+    z = off_heap_zeros(shape, torch.float32, torch.device("cpu"))
+    assert z.shape == shape and z.is_contiguous() and not z.any()
+    address = z.data_ptr()
+    assert _mapping_at(address) is not None  # a mapping of its own, not a block of the heap
+    z[1, 2, 3] = 5.0  # writable
+    assert z.sum() == 5.0 * 1024
+    view = z[0]
+    del z
+    assert _mapping_at(address) is not None  # a view keeps it
+    del view
+    assert _mapping_at(address) is None  # unmapped once the last view goes
+
+
+def test_small_and_non_cpu_buffers_are_ordinary_zeros(monkeypatch) -> None:
+    small = off_heap_zeros((2, 3), torch.bfloat16, torch.device("cpu"))
+    assert small.dtype == torch.bfloat16 and not small.any()
+    monkeypatch.setattr(cache_module, "OFF_HEAP_BYTES", 0)
+    meta = off_heap_zeros((2, 3), torch.float32, torch.device("meta"))
+    assert meta.device.type == "meta"
+
+
+def test_hold_copies_large_cached_projections_out_of_the_heap(monkeypatch) -> None:
+    x = torch.randn(3, 5, 8)
+    assert EncoderDecoderCache.hold(x) is x  # small: as is
+    monkeypatch.setattr(cache_module, "OFF_HEAP_BYTES", 1)
+    held = EncoderDecoderCache.hold(x)
+    assert torch.equal(held, x) and held.stride() == x.stride() and held.data_ptr() != x.data_ptr()
+    trained = x.clone().requires_grad_()
+    assert EncoderDecoderCache.hold(trained) is trained  # keeps its autograd graph
+    strided = x.transpose(0, 1)
+    assert EncoderDecoderCache.hold(strided) is strided

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 
 import pytest
 import torch
 
 import t5kit
-from t5kit.generation import GenerationConfig, _argmax, _top_k, build_processors
+from t5kit.generation import GenerationConfig, _argmax, _graphs_compiled, _top_k, build_processors
 
 from conftest import FAMILIES, VARIANTS, hf, load_hf, make_batch, save_hf_model, tiny_model
 
@@ -327,17 +328,19 @@ def _copy_of_new_class(model):
 
 
 def test_compiling_the_step_hands_the_compilers_freed_memory_back(pair, monkeypatch):
-    """A call that compiles a graph releases the compiler's garbage once (see release_freed_memory);
-    a later generation on the same shapes reuses the graph and releases nothing."""
+    """A call that compiles a graph releases free memory twice (see release_freed_memory): when the
+    compiler starts (from dynamo's start callback, while it has compiled nothing) and once it is
+    done (its garbage). A later generation on the same shapes reuses the graph and releases nothing."""
     _, ours = pair("T5", "gated_untied")
     fresh = _copy_of_new_class(ours)
     calls = []
-    monkeypatch.setattr(t5kit.packing, "release_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(t5kit.packing, "release_freed_memory", lambda: calls.append(_graphs_compiled()))
     ids, mask = batch_for("gated_untied")
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, cache_implementation="static")
     expected = ours.generate(**kw, disable_compile=True)
-    assert torch.equal(fresh.generate(**kw), expected) and calls == [1]
-    assert torch.equal(fresh.generate(**kw), expected) and calls == [1]
+    before = _graphs_compiled()
+    assert torch.equal(fresh.generate(**kw), expected) and calls == [before, before + 1]
+    assert torch.equal(fresh.generate(**kw), expected) and calls == [before, before + 1]
 
 
 def test_compiled_step_past_its_graph_limit_runs_eagerly(pair, monkeypatch):
@@ -535,3 +538,29 @@ def test_bad_inputs_raise_clear_errors():
         model.generate(input_ids=torch.tensor([[5, 1000]]))
     with pytest.raises(ValueError, match="rows"):
         model.generate(input_ids=torch.tensor([[5, 1]]), decoder_input_ids=torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_buffers_mapped_outside_the_heap_give_the_same_tokens(pair, monkeypatch, static):
+    """With every cache buffer and cross-attention projection mapped (OFF_HEAP_BYTES = 1), greedy and
+    beam search give the tokens and scores of ordinary buffers, eager and with the compiled step."""
+    from t5kit import cache as cache_module
+
+    _, ours = pair("T5", "gated_untied")
+    ids, mask = batch_for("gated_untied")
+    runs = []
+    for threshold in (1 << 40, 1):
+        monkeypatch.setattr(cache_module, "OFF_HEAP_BYTES", threshold)
+        runs.append([
+            ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=beams, output_scores=True,
+                          return_dict_in_generate=True, cache_implementation="static" if static else None)
+            for beams in (1, 3)
+        ])
+    if os.path.exists("/proc/self/maps"):  # the buffers were mapped: each starts a mapping of its own
+        starts = {int(line.split("-", 1)[0], 16) for line in open("/proc/self/maps")}
+        cache = runs[1][0].past_key_values
+        assert {cache.self_keys[0].data_ptr(), cache.cross_keys[0].data_ptr()} <= starts
+        assert runs[0][0].past_key_values.self_keys[0].data_ptr() not in starts
+    for plain, held in zip(*runs):
+        assert torch.equal(plain.sequences, held.sequences)
+        torch.testing.assert_close(torch.stack(plain.scores), torch.stack(held.scores), rtol=0, atol=0)

@@ -626,10 +626,12 @@ class T5Attention(nn.Module):
             if cache is not None and cache.has_cross(layer_idx):  # cross-attention, reused
                 k, v = cache.get_cross(layer_idx)
             else:  # cross-attention, first step: computed once from the encoder output
+                # Cached for the whole generation: held outside the heap (EncoderDecoderCache.hold).
+                keep = cache.hold if cache is not None else (lambda x: x)
                 if self.kv is not None:
-                    k, v = (self._heads(p) for p in self.kv(key_value_states).split(inner, dim=-1))
+                    k, v = (self._heads(p) for p in keep(self.kv(key_value_states)).split(inner, dim=-1))
                 else:
-                    k, v = self._heads(self.k(key_value_states)), self._heads(self.v(key_value_states))
+                    k, v = self._heads(keep(self.k(key_value_states))), self._heads(keep(self.v(key_value_states)))
                 if cache is not None:
                     cache.set_cross(layer_idx, k, v)
         dropout_p = self.dropout if self.training else 0.0

@@ -238,8 +238,13 @@ def block_decoding_step(model: nn.Module) -> bool:
             if type(child) is PackedLinear and child.dtype == torch.float32 and name != "kv":
                 if owner is not model or child is model.get_output_embeddings():
                     targets.append((owner, name))
+    # Largest first (the output projection while little else has been re-stored), and the freed
+    # oneDNN copy handed back after each layer: otherwise glibc keeps the freed copies resident and
+    # the blocked ones grow the heap (t5-base: peak 1417 -> 1359 MB while blocking; 110 MB less after).
+    targets.sort(key=lambda t: -getattr(*t).out_features * getattr(*t).in_features)
     for owner, name in targets:
         setattr(owner, name, BlockedLinear.from_packed(getattr(owner, name), width))
+        _trim_heap()
     return any(isinstance(m, BlockedLinear) for m in decoder.modules())
 
 
@@ -321,6 +326,11 @@ def release_freed_memory() -> bool:
     page; memory in use is untouched. A few milliseconds; no-op where glibc is absent.
     """
     gc.collect()
+    return _trim_heap()
+
+
+def _trim_heap() -> bool:
+    """glibc's ``malloc_trim(0)``: hand every whole free page of the heap back to the kernel."""
     try:
         malloc_trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
