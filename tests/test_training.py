@@ -52,6 +52,26 @@ class _Killed(Exception):
     pass
 
 
+def test_adamw_is_fused_and_steps_as_the_plain_one(tmp_path):
+    """AdamW is torch's fused implementation (the reference's Trainer default with torch >= 2.8);
+    its steps equal the per-parameter loop's to float32 rounding."""
+    trainer = Trainer(make_model(), _args(tmp_path, optimizer="adamw", weight_decay=0.1), dataset())
+    assert trainer.optimizer.defaults["fused"] is True
+    fused = trainer.optimizer
+    for group in fused.param_groups:
+        group["lr"] = 1e-2  # (the warm-up schedule starts it at 0)
+    plain_model = make_model()
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, weight_decay=0.1)
+    for model, opt in ((plain_model, plain), (trainer.model, fused)):
+        for _ in range(3):
+            loss = sum(p.square().sum() for p in model.parameters() if p.requires_grad)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, a), b in zip(plain_model.state_dict().items(), trainer.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 @pytest.mark.parametrize("optimizer", ["adafactor", "adamw"])
 def test_resume_continues_exactly(tmp_path, optimizer):
     """20 steps straight == 10 steps, a crash, a resume from the checkpoint, 10 more (dropout on)."""
