@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -315,6 +317,26 @@ def test_prepack_hands_back_the_checkpoint_pages_of_converted_weights(tmp_path):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_applies_on_glibc():
     assert keep_freed_memory()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/maps").exists(), reason="glibc on Linux")
+def test_keep_freed_memory_of_all_sizes_serves_large_blocks_from_the_heap():
+    """A 64 MB block gets a memory map of its own by default, and comes from the heap (no mapping
+    starts at it) after keep_freed_memory(all_sizes=True). Process-wide, so in a child process."""
+    script = """
+import torch
+from t5kit.packing import keep_freed_memory
+
+def own_mapping(t):  # a mapping starts in the page below the block (glibc's mmapped chunk header)
+    starts = [int(line.split("-", 1)[0], 16) for line in open("/proc/self/maps")]
+    return any(start <= t.data_ptr() < start + 4096 for start in starts)
+
+before = own_mapping(torch.empty(2**24))
+applied = keep_freed_memory(all_sizes=True)
+print(before, applied, own_mapping(torch.empty(2**24)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "False"]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
