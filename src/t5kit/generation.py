@@ -959,15 +959,14 @@ def _release_memory_on_compile() -> Iterator[None]:
     try:
         from torch._dynamo.callback import callback_handler
     except ImportError:
-        callback_handler = None
+        yield
+        return
     release = lambda _args: packing.release_freed_memory()  # noqa: E731
-    if callback_handler is not None:
-        callback_handler.register_start_callback(release)
+    callback_handler.register_start_callback(release)
     try:
         yield
     finally:
-        if callback_handler is not None:
-            callback_handler.remove_start_callback(release)
+        callback_handler.remove_start_callback(release)
 
 
 def _graphs_compiled() -> int:
