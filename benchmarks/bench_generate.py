@@ -1,7 +1,7 @@
 """Generation throughput of t5kit against transformers, on the same random model in the same run.
 
     python benchmarks/bench_generate.py [--rounds 3] [--new-tokens 64] [--input-length 64]
-                                       [--shape t5-small|mt5-small|umt5-small|t5-base]
+                                       [--shape t5-small|mt5-small|umt5-small|t5-base|t5-large]
 
 Cases: greedy at batch 1 and 16, beam search (4 beams) at batch 1 and 8. Every system decodes
 exactly --new-tokens tokens per sequence (eos disabled). Prints tokens/s (new tokens of the
@@ -23,6 +23,8 @@ SHAPES = {
                      feed_forward_proj="relu", tie_word_embeddings=True),
     "t5-base": dict(family="T5", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
                     feed_forward_proj="relu", tie_word_embeddings=True),
+    "t5-large": dict(family="T5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16,
+                     feed_forward_proj="relu", tie_word_embeddings=True),
     "mt5-small": dict(family="MT5", vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "umt5-small": dict(family="UMT5", vocab_size=256384, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,

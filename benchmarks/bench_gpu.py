@@ -1,0 +1,172 @@
+"""The GPU benchmark: t5kit against transformers eager, SDPA and static cache + torch.compile.
+
+    pip install -e ".[bench]"
+    python benchmarks/bench_gpu.py [--shape t5-base] [--dtype bf16] [--rounds 3] [--systems ...] [--device cuda]
+
+Every system runs in its own subprocess on the same random checkpoint (written once by
+transformers, in --dtype), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
+
+  transformers-eager    the reference, attn_implementation="eager"
+  transformers-sdpa     attn_implementation="sdpa"
+  transformers-compile  SDPA, cache_implementation="static", model.forward compiled with
+                        torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs; the
+                        default mode on a CPU), as the reference's docs show
+  t5kit                 t5kit's default generation
+  t5kit-static          cache_implementation="static": t5kit's decoding step captured by torch.compile
+
+Columns: the encoder over 128-token inputs at batch 1 and 16; greedy and 4-beam generation of 64 new
+tokens (eos disabled) from 64-token inputs, at batch 1 and 16 / 1 and 8; peak memory (the device's
+``max_memory_allocated``; on a CPU the process's peak resident memory). Medians of --rounds after a
+warm-up round (which compiles). Ratios are against transformers-eager measured in the same run. In
+bf16 the systems' kernels differ, so greedy tokens can part where two logits nearly tie: the share
+of greedy b16 tokens equal to transformers-eager's is printed, not asserted.
+
+``--device cpu --dtype fp32 --shape t5-small --rounds 1`` runs the same code on a CPU (a smoke test of
+the script; the CPU table is ``bench_suite.py``'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_generate import SHAPES, _median_time  # noqa: E402
+from bench_suite import _inputs, _peak_rss_mb, _share_equal  # noqa: E402
+
+SYSTEMS = ["transformers-eager", "transformers-sdpa", "transformers-compile", "t5kit", "t5kit-static"]
+COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8"]
+GEN_CASES = (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NEW_TOKENS = 64
+
+
+def _load(system: str, model_dir: str, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, dict, bool]:
+    """The model of ``system`` on ``device`` in ``dtype``, the keyword arguments its generate takes, and
+    whether its encoder forward is compiled (then warmed up in the first round like generation)."""
+    if system.startswith("transformers"):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        attn = "eager" if system == "transformers-eager" else "sdpa"
+        model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+        model = model.to(device).eval()
+        model.generation_config.eos_token_id = None
+        kw: dict = {}
+        if system == "transformers-compile":
+            mode = "reduce-overhead" if device.startswith("cuda") else None
+            model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
+            kw["cache_implementation"] = "static"
+        return model, kw, system == "transformers-compile"
+    import t5kit
+
+    model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    kw = {"eos_token_id": None}
+    if system == "t5kit-static":
+        kw["cache_implementation"] = "static"
+    return model, kw, False
+
+
+def worker(system: str, model_dir: str, dtype: torch.dtype, device: str, rounds: int, out_file: str) -> None:
+    model, gen_kw, _ = _load(system, model_dir, dtype, device)
+    cuda = device.startswith("cuda")
+
+    def timed(fn):  # waits for the device, so the time is the work's, not its launch
+        def run():
+            out = fn()
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+        return run
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    out: dict[str, object] = {}
+    with torch.inference_mode():
+        encoder = model.get_encoder()
+        for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
+            ids, mask = (t.to(device) for t in _inputs(batch, 128, batch))
+            t, _ = _median_time(timed(lambda: encoder(input_ids=ids, attention_mask=mask)), rounds)
+            out[name] = batch * 128 / t
+        tokens = {}
+        for name, batch, beams in GEN_CASES:
+            ids, mask = (t.to(device) for t in _inputs(batch, 64, batch))
+            t, seqs = _median_time(timed(lambda: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=beams,
+                **gen_kw)), rounds)
+            out[name] = batch * NEW_TOKENS / t
+            tokens[name] = seqs.tolist()
+            if {len(row) for row in tokens[name]} != {NEW_TOKENS + 1} or len(tokens[name]) != batch:
+                raise RuntimeError(f"{system} {name}: expected {batch} sequences of {NEW_TOKENS + 1} tokens")
+    out["tokens"] = tokens
+    out["peak MB"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mb()
+    Path(out_file).write_text(json.dumps(out))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-base")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    if args.worker:
+        worker(args.worker, args.model_dir, dtype, args.device, args.rounds, args.out)
+        return
+    systems = [s.strip() for s in args.systems.split(",")]
+    unknown = sorted(set(systems) - set(SYSTEMS))
+    if unknown:
+        parser.error(f"unknown systems {unknown}; choose from {SYSTEMS}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device here; pass --device cpu for a smoke test on the CPU")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    shape = dict(SHAPES[args.shape])
+    family = shape.pop("family")
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"{args.shape} shape, random weights, {args.dtype}; {device_name}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; tokens/s, median of {args.rounds} after a warm-up round")
+    with tempfile.TemporaryDirectory(prefix="t5kit-bench-gpu-") as work:
+        torch.manual_seed(0)
+        config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
+        getattr(transformers, f"{family}ForConditionalGeneration")(config).to(dtype).save_pretrained(work)
+        results: dict[str, dict] = {}
+        for system in systems:
+            out = Path(work) / f"{system}.json"
+            cmd = [sys.executable, __file__, "--worker", system, "--model-dir", work, "--dtype", args.dtype,
+                   "--device", args.device, "--rounds", str(args.rounds), "--out", str(out)]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                print(f"  {system}: failed\n{run.stderr[-2000:]}")
+                continue
+            results[system] = json.loads(out.read_text())
+    columns = [*COLUMNS, "peak MB"]
+    print(f"\n{'system':22s}" + "".join(f"{c:>13s}" for c in columns))
+    for system, res in results.items():
+        print(f"{system:22s}" + "".join(f"{res[c]:13.1f}" for c in columns))
+    base = results.get("transformers-eager")
+    if base is None:
+        return
+    print("\nratio to transformers-eager (> 1 is faster; peak memory: < 1 is smaller)")
+    for system, res in results.items():
+        print(f"{system:22s}" + "".join(f"{res[c] / base[c]:12.2f}x" for c in columns))
+    print("\ngreedy b16 tokens equal to transformers-eager's")
+    for system, res in results.items():
+        print(f"  {system:22s} {_share_equal(res['tokens']['greedy b16'], base['tokens']['greedy b16'])}")
+
+
+if __name__ == "__main__":
+    main()
