@@ -51,15 +51,24 @@ def _has_vnni() -> bool:
 _PACKED: dict[int, Any] = {}
 _HANDLES = itertools.count()
 
+# The op is defined with torch.library.Library, not torch.library.custom_op: the graph calls its
+# Python body once per product, and custom_op's wrappers around that body cost about 10 us a call
+# more: 37 calls a t5-small decoding step, which ran 1.09-1.12x faster at batch 1 this way (paired
+# in one process on an AMD Zen 3).
+_LIB = torch.library.Library("t5kit", "FRAGMENT")
+_LIB.define("int8_linear(Tensor x, int handle, int out_features, bool reduce_range) -> Tensor")
 
-@torch.library.custom_op("t5kit::int8_linear", mutates_args=())
+
 def _int8_linear_op(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x, _PACKED[handle], reduce_range)
 
 
-@_int8_linear_op.register_fake
-def _(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
+def _int8_linear_fake(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
+
+
+_LIB.impl("int8_linear", _int8_linear_op, "CPU")
+torch.library.register_fake("t5kit::int8_linear", _int8_linear_fake, lib=_LIB)
 
 
 class DynamicInt8Linear(nn.Module):
