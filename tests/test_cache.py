@@ -129,13 +129,15 @@ def test_small_and_non_cpu_buffers_are_ordinary_zeros(monkeypatch) -> None:
     assert meta.device.type == "meta"
 
 
-def test_hold_copies_large_cached_projections_out_of_the_heap(monkeypatch) -> None:
+def test_hold_stores_cached_keys_contiguous_and_large_ones_out_of_the_heap(monkeypatch) -> None:
     x = torch.randn(3, 5, 8)
-    assert EncoderDecoderCache.hold(x) is x  # small: as is
+    assert EncoderDecoderCache.hold(x) is x  # small and contiguous: as is
+    strided = torch.randn(3, 8, 5).transpose(1, 2)
+    held = EncoderDecoderCache.hold(strided)
+    assert held.is_contiguous() and torch.equal(held, strided)
     monkeypatch.setattr(cache_module, "OFF_HEAP_BYTES", 1)
-    held = EncoderDecoderCache.hold(x)
-    assert torch.equal(held, x) and held.stride() == x.stride() and held.data_ptr() != x.data_ptr()
-    trained = x.clone().requires_grad_()
+    for t in (x, strided):
+        held = EncoderDecoderCache.hold(t)
+        assert torch.equal(held, t) and held.is_contiguous() and held.data_ptr() != t.data_ptr()
+    trained = strided.clone().requires_grad_()
     assert EncoderDecoderCache.hold(trained) is trained  # keeps its autograd graph
-    strided = x.transpose(0, 1)
-    assert EncoderDecoderCache.hold(strided) is strided

@@ -561,6 +561,9 @@ def test_cache_buffers_mapped_outside_the_heap_give_the_same_tokens(pair, monkey
         cache = runs[1][0].past_key_values
         assert {cache.self_keys[0].data_ptr(), cache.cross_keys[0].data_ptr()} <= starts
         assert runs[0][0].past_key_values.self_keys[0].data_ptr() not in starts
+    for run in runs:  # cached keys/values are contiguous (B, H, S, D), mapped or not
+        cache = run[0].past_key_values
+        assert all(t.is_contiguous() for t in (*cache.cross_keys, *cache.cross_values))
     for plain, held in zip(*runs):
         assert torch.equal(plain.sequences, held.sequences)
         torch.testing.assert_close(torch.stack(plain.scores), torch.stack(held.scores), rtol=0, atol=0)

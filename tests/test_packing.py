@@ -120,6 +120,9 @@ def test_prepacked_model_compiled_step_against_eager(dtype, monkeypatch):
             compiled = model.generate(**kw)
         ops = {event.key for event in prof.key_averages()}
         assert "t5kit::dnn_linear" not in ops and any("Compiled" in op for op in ops), sorted(ops)
+        # The fused k|v projection's heads are cached contiguous: the compiled step reads them as they are.
+        cache = compiled.past_key_values
+        assert all(t.is_contiguous() for t in (*cache.cross_keys, *cache.cross_values))
         if dtype == torch.float32:
             assert torch.equal(compiled.sequences, eager.sequences), beams
             continue

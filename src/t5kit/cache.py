@@ -169,11 +169,14 @@ class EncoderDecoderCache:
 
     @staticmethod
     def hold(x: torch.Tensor) -> torch.Tensor:
-        """``x`` (a projection of the encoder output that will be cached), copied outside the heap
-        if :func:`off_heap_zeros` would map it; returned as is otherwise, and when it needs
-        gradients (training keeps the autograd graph through the original)."""
-        held = None if x.requires_grad or not x.is_contiguous() else _mapped(tuple(x.shape), x.dtype, x.device)
-        return x if held is None else held.copy_(x)
+        """``x`` (keys or values of the encoder output, (B, H, S, D), cached for a whole generation)
+        as a contiguous tensor: copied into a memory map of its own where :func:`off_heap_zeros`
+        would map it, by ``contiguous()`` otherwise. Returned as is when it needs gradients (training
+        keeps the autograd graph through the original)."""
+        if x.requires_grad:
+            return x
+        held = _mapped(tuple(x.shape), x.dtype, x.device)
+        return x.contiguous() if held is None else held.copy_(x)
 
     def reorder_cache(self, index: torch.Tensor, length: int | None = None) -> None:
         """Select batch rows (e.g. surviving beams) of the self-attention caches.
