@@ -48,9 +48,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NEW_TOKENS = 64
 
 
-def _load(system: str, model_dir: str, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, dict, bool]:
-    """The model of ``system`` on ``device`` in ``dtype``, the keyword arguments its generate takes, and
-    whether its encoder forward is compiled (then warmed up in the first round like generation)."""
+def _load(system: str, model_dir: str, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, dict]:
+    """The model of ``system`` on ``device`` in ``dtype``, and the keyword arguments its generate takes."""
     if system.startswith("transformers"):
         import transformers
 
@@ -64,18 +63,18 @@ def _load(system: str, model_dir: str, dtype: torch.dtype, device: str) -> tuple
             mode = "reduce-overhead" if device.startswith("cuda") else None
             model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
             kw["cache_implementation"] = "static"
-        return model, kw, system == "transformers-compile"
+        return model, kw
     import t5kit
 
     model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype, device=device).eval()
     kw = {"eos_token_id": None}
     if system == "t5kit-static":
         kw["cache_implementation"] = "static"
-    return model, kw, False
+    return model, kw
 
 
 def worker(system: str, model_dir: str, dtype: torch.dtype, device: str, rounds: int, out_file: str) -> None:
-    model, gen_kw, _ = _load(system, model_dir, dtype, device)
+    model, gen_kw = _load(system, model_dir, dtype, device)
     cuda = device.startswith("cuda")
 
     def timed(fn):  # waits for the device, so the time is the work's, not its launch
