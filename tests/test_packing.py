@@ -163,6 +163,33 @@ def test_blocked_layer_holds_the_weight_and_equals_f_linear(out_features, bias):
 
 
 @needs_blocked
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+@pytest.mark.parametrize("rows", [1, 5, 16, 17])
+def test_compiled_blocked_product_prefetches_the_next_weight_tile(rows):
+    """Compiled, a blocked layer is inductor's template kernel with t5kit's prefetch of the next
+    weight tile (see modeling._prefetching_micro_gemm): present in the generated C++ and taken by
+    products of more than one 4-row block (5, 16 and 17 rows: whole blocks and a 1-row tail).
+    The prefetch is a hint only: the product equals F.linear at every row count."""
+    from torch._inductor.utils import run_and_get_cpp_code
+
+    from t5kit.modeling import _lower_dnn_linear
+
+    torch.manual_seed(0)
+    width = blocked_gemm_width()
+    layer = Linear(300, 4 * width + 5, bias=True)  # K: two k-slices of the template; a padded last block
+    blocked = BlockedLinear.from_packed(PackedLinear.from_linear(layer), width)
+    x = torch.randn(rows, 300)
+    torch._dynamo.reset()
+    fn = torch.compile(blocked, fullgraph=True, options=_lower_dnn_linear())
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):  # generate, not reuse
+        out, code = run_and_get_cpp_code(fn, x)
+        expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert_rel_close(out, expected, what=f"compiled blocked linear, {rows} rows")
+    assert "t5kit: this row block's share of the next weight tile" in code
+    assert "t5kit_next" in code
+
+
+@needs_blocked
 @pytest.mark.parametrize("bias", [False, True])
 def test_large_layer_is_packed_in_pieces_and_blocked_a_piece_at_a_time(bias, monkeypatch):
     """Where the step is blocked, a layer over PACK_PIECE_BYTES is packed in pieces of whole

@@ -222,7 +222,7 @@ def _lower_dnn_linear() -> dict[str, Any]:
             pass
 
         def uuid(self) -> str:
-            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, t5kit::blocked_linear to CppGemmTemplate, no outer-loop fusion over a tiled loop, v3"
+            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, t5kit::blocked_linear to CppGemmTemplate, no outer-loop fusion over a tiled loop, weight-tile prefetch, v4"
 
     register_lowering(torch.ops.t5kit.dnn_linear.default, type_promotion_kind=None)(lower)
     if blocked_gemm_width() is not None:
@@ -327,16 +327,69 @@ def blocked_gemm_width() -> int | None:
 def _forced_micro_gemm(width: int) -> Callable[..., Any]:
     """Inductor's ``create_micro_gemm``, made to pick the ``width``-wide register block: it ranks
     blocks first by whether they divide the product's width, so it is asked about ``width * 101``
-    outputs (divisible by ``width``, by none of the wider blocks, and with enough blocks per thread)."""
+    outputs (divisible by ``width``, by none of the wider blocks, and with enough blocks per thread).
+    The kernel it returns prefetches the weight stream (see :func:`_prefetching_micro_gemm`)."""
     from torch._inductor.codegen import cpp_micro_gemm
 
     def create(name: str, m: Any, n: Any, k: Any, **kwargs: Any) -> Any:
         micro = cpp_micro_gemm.create_micro_gemm(name, m, width * 101, k, **kwargs)
         if micro is None or micro.register_blocking.block_n != width:
             raise RuntimeError(f"inductor's CPU template did not take a {width}-wide block ({micro})")
+        prefetching = _prefetching_micro_gemm(type(micro))
+        if prefetching is not None:
+            micro.__class__ = prefetching
         return micro
 
     return create
+
+
+_PREFETCHING: dict[type, type | None] = {}
+
+
+def _prefetching_micro_gemm(cls: type) -> type | None:
+    """``cls`` (inductor's float32 micro-kernel class) with its kernels prefetching the next tile of
+    the weight, or None where its template text is not the one this patches (another torch).
+
+    The template's kernel for a product of a few rows makes one pass over a (k-slice, 24-column)
+    tile of the weight per 4-row block: the first pass waits on memory, the others compute from
+    the L1 cache, and nothing fetches the next tile meanwhile. A blocked weight (``BlockedLinear``)
+    is one contiguous stream in the order the tiles are used, so the next tile starts where this
+    one ends; each row block prefetches its share of it while it computes. The 512 x 32128 output
+    projection of t5-small at 16 rows on 2 AVX2 cores (AMD Zen 3): 6.3-7.9 -> 4.7-4.9 ms. With one
+    row block (up to 4 rows: batch-1 decoding) it prefetches nothing, as before. A prefetch is only a
+    hint: past the end of the weight it does nothing, and the products are unchanged."""
+    if cls in _PREFETCHING:
+        return _PREFETCHING[cls]
+    kernel, entry = getattr(cls, "TEMPLATE_KERNEL", ""), getattr(cls, "TEMPLATE_ENTRY", "")
+    signature = "    int64_t ldc\n) {"
+    k_loop = "    for (int k = 0; k < K; ++k) {\n        c10::ForcedUnroll<ROWS * COLS>{}(compute, k);\n"
+    m_loop = "    for (int64_t m = 0; m < M; m += {{block_m}}) {\n"
+    calls = ("                    ldc\n                );", "                        ldc\n                    );\n                    break;")
+    result = None
+    if kernel.count(signature) == 1 and kernel.count(k_loop) == 1 and entry.count(m_loop) == 1 and all(c in entry for c in calls):
+        kernel = kernel.replace(signature, "    int64_t ldc,\n    const char* pf_next = nullptr,\n    int64_t pf_bytes = 0\n) {")
+        kernel = kernel.replace(k_loop, (
+            "    for (int k = 0; k < K; ++k) {\n"
+            "#if defined(__GNUC__)\n"
+            "        if (pf_bytes) {  // t5kit: this row block's share of the next weight tile, spread over its K steps\n"
+            "            const char* p = pf_next + (k * pf_bytes) / K;\n"
+            "            __builtin_prefetch(p, 0, 3);\n"
+            "            __builtin_prefetch(p + 64, 0, 3);\n"
+            "        }\n"
+            "#endif\n"
+            "        c10::ForcedUnroll<ROWS * COLS>{}(compute, k);\n"
+        ))
+        entry = entry.replace(m_loop, m_loop + (
+            "        // t5kit: the next tile of a blocked weight starts where this (K x ldb) tile ends\n"
+            "        const int64_t t5kit_blocks = (M + {{block_m}} - 1) / {{block_m}};\n"
+            "        const int64_t t5kit_share = t5kit_blocks > 1 ? K * ldb * static_cast<int64_t>(sizeof(*B)) / t5kit_blocks : 0;\n"
+            "        const char* t5kit_next = reinterpret_cast<const char*>(B + K * ldb) + (m / {{block_m}}) * t5kit_share;\n"
+        ))
+        entry = entry.replace(calls[0], "                    ldc,\n                    t5kit_next,\n                    t5kit_share\n                );", 1)
+        entry = entry.replace(calls[1], "                        ldc,\n                        t5kit_next,\n                        t5kit_share\n                    );\n                    break;", 1)
+        result = type("Prefetching" + cls.__name__, (cls,), {"TEMPLATE_KERNEL": kernel, "TEMPLATE_ENTRY": entry})
+    _PREFETCHING[cls] = result
+    return result
 
 
 def _probe_blocked_gemm_width() -> int | None:
