@@ -25,6 +25,7 @@ clamped to the finite float16 range (one helper, ``_clamp_fp16``). Prefer bfloat
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
@@ -343,9 +344,7 @@ def _forced_micro_gemm(width: int) -> Callable[..., Any]:
     return create
 
 
-_PREFETCHING: dict[type, type | None] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _prefetching_micro_gemm(cls: type) -> type | None:
     """``cls`` (inductor's float32 micro-kernel class) with its kernels prefetching the next tile of
     the weight, or None where its template text is not the one this patches (another torch).
@@ -358,38 +357,34 @@ def _prefetching_micro_gemm(cls: type) -> type | None:
     projection of t5-small at 16 rows on 2 AVX2 cores (AMD Zen 3): 6.3-7.9 -> 4.7-4.9 ms. With one
     row block (up to 4 rows: batch-1 decoding) it prefetches nothing, as before. A prefetch is only a
     hint: past the end of the weight it does nothing, and the products are unchanged."""
-    if cls in _PREFETCHING:
-        return _PREFETCHING[cls]
     kernel, entry = getattr(cls, "TEMPLATE_KERNEL", ""), getattr(cls, "TEMPLATE_ENTRY", "")
     signature = "    int64_t ldc\n) {"
     k_loop = "    for (int k = 0; k < K; ++k) {\n        c10::ForcedUnroll<ROWS * COLS>{}(compute, k);\n"
     m_loop = "    for (int64_t m = 0; m < M; m += {{block_m}}) {\n"
     calls = ("                    ldc\n                );", "                        ldc\n                    );\n                    break;")
-    result = None
-    if kernel.count(signature) == 1 and kernel.count(k_loop) == 1 and entry.count(m_loop) == 1 and all(c in entry for c in calls):
-        kernel = kernel.replace(signature, "    int64_t ldc,\n    const char* pf_next = nullptr,\n    int64_t pf_bytes = 0\n) {")
-        kernel = kernel.replace(k_loop, (
-            "    for (int k = 0; k < K; ++k) {\n"
-            "#if defined(__GNUC__)\n"
-            "        if (pf_bytes) {  // t5kit: this row block's share of the next weight tile, spread over its K steps\n"
-            "            const char* p = pf_next + (k * pf_bytes) / K;\n"
-            "            __builtin_prefetch(p, 0, 3);\n"
-            "            __builtin_prefetch(p + 64, 0, 3);\n"
-            "        }\n"
-            "#endif\n"
-            "        c10::ForcedUnroll<ROWS * COLS>{}(compute, k);\n"
-        ))
-        entry = entry.replace(m_loop, m_loop + (
-            "        // t5kit: the next tile of a blocked weight starts where this (K x ldb) tile ends\n"
-            "        const int64_t t5kit_blocks = (M + {{block_m}} - 1) / {{block_m}};\n"
-            "        const int64_t t5kit_share = t5kit_blocks > 1 ? K * ldb * static_cast<int64_t>(sizeof(*B)) / t5kit_blocks : 0;\n"
-            "        const char* t5kit_next = reinterpret_cast<const char*>(B + K * ldb) + (m / {{block_m}}) * t5kit_share;\n"
-        ))
-        entry = entry.replace(calls[0], "                    ldc,\n                    t5kit_next,\n                    t5kit_share\n                );", 1)
-        entry = entry.replace(calls[1], "                        ldc,\n                        t5kit_next,\n                        t5kit_share\n                    );\n                    break;", 1)
-        result = type("Prefetching" + cls.__name__, (cls,), {"TEMPLATE_KERNEL": kernel, "TEMPLATE_ENTRY": entry})
-    _PREFETCHING[cls] = result
-    return result
+    if not (kernel.count(signature) == 1 and kernel.count(k_loop) == 1 and entry.count(m_loop) == 1 and all(c in entry for c in calls)):
+        return None
+    kernel = kernel.replace(signature, "    int64_t ldc,\n    const char* pf_next = nullptr,\n    int64_t pf_bytes = 0\n) {")
+    kernel = kernel.replace(k_loop, (
+        "    for (int k = 0; k < K; ++k) {\n"
+        "#if defined(__GNUC__)\n"
+        "        if (pf_bytes) {  // t5kit: this row block's share of the next weight tile, spread over its K steps\n"
+        "            const char* p = pf_next + (k * pf_bytes) / K;\n"
+        "            __builtin_prefetch(p, 0, 3);\n"
+        "            __builtin_prefetch(p + 64, 0, 3);\n"
+        "        }\n"
+        "#endif\n"
+        "        c10::ForcedUnroll<ROWS * COLS>{}(compute, k);\n"
+    ))
+    entry = entry.replace(m_loop, m_loop + (
+        "        // t5kit: the next tile of a blocked weight starts where this (K x ldb) tile ends\n"
+        "        const int64_t t5kit_blocks = (M + {{block_m}} - 1) / {{block_m}};\n"
+        "        const int64_t t5kit_share = t5kit_blocks > 1 ? K * ldb * static_cast<int64_t>(sizeof(*B)) / t5kit_blocks : 0;\n"
+        "        const char* t5kit_next = reinterpret_cast<const char*>(B + K * ldb) + (m / {{block_m}}) * t5kit_share;\n"
+    ))
+    entry = entry.replace(calls[0], "                    ldc,\n                    t5kit_next,\n                    t5kit_share\n                );", 1)
+    entry = entry.replace(calls[1], "                        ldc,\n                        t5kit_next,\n                        t5kit_share\n                    );\n                    break;", 1)
+    return type("Prefetching" + cls.__name__, (cls,), {"TEMPLATE_KERNEL": kernel, "TEMPLATE_ENTRY": entry})
 
 
 def _probe_blocked_gemm_width() -> int | None:
