@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from .cache import EncoderDecoderCache
 from .config import MT5Config, T5Config, UMT5Config
 from .generation import GenerationConfig, GenerationMixin
+from .kernels import attend as _attend_kernel, attend_kernel_applies, register_attend_lowering
 from .modeling_utils import PreTrainedModel, segment_starts
 from .outputs import (
     BaseModelOutput,
@@ -192,7 +193,8 @@ def _lower_dnn_linear() -> dict[str, Any]:
     carry a no-op graph pass whose uuid names this one: graphs cached without it are not reused.
     Uses inductor internals; where they differ (another torch) the op stays opaque: slower, equal.
     Also registers the lowering of ``t5kit::blocked_linear`` (:func:`_lower_blocked_linear`) where
-    :func:`blocked_gemm_width` found the template it needs.
+    :func:`blocked_gemm_width` found the template it needs, and that of ``t5kit::attend``
+    (:func:`t5kit.kernels.register_attend_lowering`).
     """
     global _DNN_LINEAR_LOWERING, _BLOCKED_LOWERED
     if _DNN_LINEAR_LOWERING is not None:
@@ -223,9 +225,10 @@ def _lower_dnn_linear() -> dict[str, Any]:
             pass
 
         def uuid(self) -> str:
-            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, t5kit::blocked_linear to CppGemmTemplate, no outer-loop fusion over a tiled loop, weight-tile prefetch, v4"
+            return "t5kit::dnn_linear lowered to mkldnn_ir.LinearUnary, t5kit::blocked_linear to CppGemmTemplate, no outer-loop fusion over a tiled loop, weight-tile prefetch, t5kit::attend to its C++ template, v5"
 
     register_lowering(torch.ops.t5kit.dnn_linear.default, type_promotion_kind=None)(lower)
+    register_attend_lowering()
     if blocked_gemm_width() is not None:
         register_lowering(torch.ops.t5kit.blocked_linear.default, type_promotion_kind=None)(_lower_blocked_linear)
         _BLOCKED_LOWERED = True
@@ -611,6 +614,9 @@ def attend(
     """
     if not need_weights and not torch.compiler.is_compiling():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0), None
+    if not need_weights and dropout_p == 0.0 and attend_kernel_applies(q, k, v, bias):
+        # A compiled decoding step on the CPU: t5kit's kernel for a few queries (t5kit.kernels).
+        return _attend_kernel(q, k, v, bias), None
     # Compiled (or weights wanted): the plain maths, which inductor fuses with the bias and the cache
     # write into one loop, where the fused CPU kernel would be a call of its own (~10 us at one query).
     scores = torch.matmul(q, k.transpose(-1, -2))
