@@ -8,9 +8,11 @@ values at 9-11 GB/s even from the L3 cache, and at b16 attention took 6.2 ms of 
 
 ``t5kit::attend`` is a custom op whose eager body is that plain maths. Compiled, t5kit lowers it to
 a C++ template of its own (:func:`register_attend_lowering`): per (row, head) it streams the keys
-once with four independent accumulators, adds the bias, takes the softmax, and streams the values
-once into ``D`` accumulators. Keys whose bias is a mask (``<= -1e37``: t5kit's masks are
-``finfo.min``) are skipped: their weight is exactly 0 either way. It is generated into the step's
+once with four independent accumulators, adds the bias, takes the softmax (statistics in float32),
+and streams the values once into ``D / vector width`` independent accumulators, dividing once at
+the end. Keys whose bias is a mask (``<= -1e37``: t5kit's masks are ``finfo.min``) are skipped: a
+masked key's score is its bias and its weight exactly 0 either way, so whatever its slot holds
+(a static cache's unwritten positions) never reaches the output. It is generated into the step's
 own C++ module with inductor's vector types (AVX2 or AVX-512 as inductor picked), called from the
 C++ wrapper like any other kernel, and pointwise consumers inductor fuses into it run after it.
 """
@@ -21,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["ATTEND_KERNEL", "attend_kernel_applies", "register_attend_lowering"]
+__all__ = ["ATTEND_KERNEL", "ATTEND_MAX_QUERIES", "attend", "attend_kernel_applies", "register_attend_lowering"]
 
 # Compiled decoding steps on the CPU compute their attention with t5kit's kernel (see the module
 # docstring). False: the plain maths, which inductor generates itself. Read when a step is traced.
@@ -147,7 +149,7 @@ inline void row(const float* __restrict__ q, const float* __restrict__ k, int64_
     }
     float sum = hsum(sumv);
     for (; s < S; ++s) { sc[s] = std::exp(sc[s] - mx); sum += sc[s]; }
-    // y = sum_s w_s v_s with D independent accumulators; the division comes once, at the end.
+    // y = sum_s w_s v_s, one independent accumulator per vector of the row; one division, at the end.
     Vec acc[ND > 0 ? ND : 1];
     float acc_tail[NT > 0 ? NT : 1];
     for (int64_t c = 0; c < ND; ++c) acc[c] = Vec(0.f);
