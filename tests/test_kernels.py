@@ -24,11 +24,11 @@ def test_lowering_registers_on_the_torch_we_build_for():
     assert register_attend_lowering()
 
 
-def _compile_and_code(fn, *args, **options):
+def _compile_and_code(fn, *args):
     from torch._inductor.utils import run_and_get_cpp_code
 
     torch._dynamo.reset()
-    with torch.inference_mode(), torch._inductor.config.patch(force_disable_caches=True, **options):  # generate, not reuse
+    with torch.inference_mode(), torch._inductor.config.patch(force_disable_caches=True):  # generate, not reuse
         return run_and_get_cpp_code(torch.compile(fn, fullgraph=True), *args)
 
 
