@@ -178,11 +178,11 @@ def register_attend_lowering() -> bool:
     if _LOWERED:
         return True
     try:
+        import sympy
         import torch._inductor.lowering  # noqa: F401 - imports the codegen modules in an order that works
         from torch._inductor import ir
         from torch._inductor.codegen.cpp import get_export_declaration
         from torch._inductor.codegen.cpp_template import CppTemplate
-        import sympy
         from torch._inductor.lowering import fallback_handler, register_lowering
         from torch._inductor.select_algorithm import autotune_select_algorithm
         from torch._inductor.utils import parallel_num_threads
