@@ -39,6 +39,66 @@ def test_layer_equals_f_linear(rows, bias):
         packed(x.double())
 
 
+def _count_dnn_products(monkeypatch) -> list[int]:
+    """Count the packed layers' oneDNN products (packing._dnn_linear) from now on."""
+    calls = [0]
+    dnn = packing._dnn_linear
+
+    def counted(*args):
+        calls[0] += 1
+        return dnn(*args)
+
+    monkeypatch.setattr(packing, "_dnn_linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_many_rows_multiply_the_weight_read_back_through_f_linear(bias, monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(96, 200, bias=bias)
+    packed = PackedLinear.from_linear(layer)
+    monkeypatch.setattr(packing, "UNPACK_MIN_ROWS", 8)
+    calls = _count_dnn_products(monkeypatch)
+    many, few = torch.randn(2, 4, 96), torch.randn(7, 96)
+    with torch.no_grad():
+        # The weight read back is the weight, bit for bit, so the product is F.linear's exactly.
+        assert torch.equal(packed(many), torch.nn.functional.linear(many, layer.weight, layer.bias))
+        assert calls == [0]
+        assert_rel_close(packed(few), torch.nn.functional.linear(few, layer.weight, layer.bias), what="few rows")
+        assert calls == [1]  # fewer rows than UNPACK_MIN_ROWS: the packed product
+        monkeypatch.setattr(packing, "UNPACK_MAX_BYTES", layer.weight.numel() * 4 - 1)
+        assert_rel_close(packed(many), torch.nn.functional.linear(many, layer.weight, layer.bias), what="large layer")
+        assert calls == [2]  # a weight over UNPACK_MAX_BYTES is never read back
+        monkeypatch.setattr(packing, "UNPACK_MAX_BYTES", 32 << 20)
+        monkeypatch.setattr(packing, "UNPACK_MIN_ROWS", None)
+        packed(many)
+        assert calls == [3]  # None: always the packed product
+
+
+def test_prepacked_model_with_many_rows_through_f_linear(monkeypatch):
+    model = tiny_model("T5", "gated_untied")
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        beam = model.generate(**gen, num_beams=3)
+    packed = t5kit.prepack(model)
+    # The encoder's 3 x 9 rows (and cross-attention's keys of them) read back; the decoder's 3 x 6 not.
+    monkeypatch.setattr(packing, "UNPACK_MIN_ROWS", 20)
+    calls = _count_dnn_products(monkeypatch)
+    read_back = [0]
+    to_dense = torch.Tensor.to_dense
+
+    def counted_to_dense(self, *args, **kwargs):
+        read_back[0] += 1
+        return to_dense(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to_dense", counted_to_dense)
+    assert_rel_close(packed(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, ref, what="logits")
+    assert read_back[0] > 0 and calls[0] > 0  # both routes taken in one forward
+    assert torch.equal(packed.generate(**gen, num_beams=3), beam)
+
+
 def test_layers_fused_into_one_product():
     torch.manual_seed(0)
     a, b, c = Linear(32, 24, bias=False), Linear(32, 16, bias=True), Linear(32, 8, bias=False)

@@ -11,6 +11,8 @@ that layout (projections that read the same input, such as self-attention's q, k
 one wider product); the ordinary weight is released, so memory does not grow (except for a tied
 output projection, whose packed copy sits beside the input embedding that still needs the plain
 matrix). Values equal the unpacked model's to float32 rounding, so fp32 tokens are unchanged.
+Where MKL is the faster for many rows (CPUs without AVX-512), a layer given many rows reads its
+weight back out of the packed layout for that call (see :data:`UNPACK_MIN_ROWS`).
 
 A prepacked model is for inference: it cannot be trained, saved or moved to another device or
 dtype (prepack after ``model.to(torch.bfloat16)``, and save the model you loaded instead).
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .modeling import _blocked_linear, _dnn_linear, blocked_gemm_width, blocked_linear_lowered
@@ -58,6 +61,21 @@ def stack_linears(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Te
 # eager decoding measured 0-6% slower at batch 1 and 2-5% at 16 on an AMD Zen 3.
 PACK_PIECE_BYTES: int = 128 << 20
 _PIECE_ALIGN = 192  # outputs per piece: a multiple of every block width (24 on AVX2, 48 on AVX-512)
+
+
+# Where MKL computes float32 products of many rows faster than oneDNN does from a packed weight (CPUs
+# without AVX-512: see t5kit.modeling.ONEDNN_MAX_ROWS), a packed layer given at least this many rows
+# reads its weight back out of oneDNN's layout (``to_dense``: about 0.2 ms for 4 MB, freed after the
+# call) and multiplies through ``F.linear``. On a 2-core AMD Zen 3 MKL's products of 2,048 rows ran
+# 1.1-1.25x faster than oneDNN's from the packed weight (2048 x 2048 -> 512: 188 against 158 GFLOP/s),
+# 1.0-1.2x at 512 rows (whole encoders level there, with the read-back), and up to 15% slower at 128
+# (512 -> 1024: 144 against 170), so short inputs keep the packed product. Whole encoders at 16 x 128
+# tokens: t5-small 1.09x, t5-base 1.12x faster.
+# None: always the packed product (on AVX-512 oneDNN is the faster at every row count).
+UNPACK_MIN_ROWS: int | None = None if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 512
+# Only layers up to this size are read back: a larger weight's transient dense copy costs more
+# (page faults: t5-small's 65 MB output projection took 25 ms) and adds to peak memory.
+UNPACK_MAX_BYTES: int = 32 << 20
 
 
 class PackedLinear(nn.Module):
@@ -120,11 +138,24 @@ class PackedLinear(nn.Module):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` from the stored weight (inputs already checked)."""
         if len(self._pieces) == 1:
+            if self._unpack_for(x):
+                return F.linear(x, self._packed.to_dense(), self._bias)
             return _dnn_linear(x, self._packed, self._bias)
         if self._consumed:
             raise RuntimeError("this layer's pieces were released when it was re-stored as a BlockedLinear; use that layer")
         out = torch.cat([_dnn_linear(x, getattr(self, name), None) for name in self._pieces], dim=-1)
         return out if self._bias is None else out + self._bias
+
+    def _unpack_for(self, x: torch.Tensor) -> bool:
+        """Whether the product of ``x`` goes through ``F.linear`` on the weight read back out of the
+        packed layout (see :data:`UNPACK_MIN_ROWS`); never in a compiled graph, which has its own."""
+        return (
+            UNPACK_MIN_ROWS is not None
+            and self.dtype == torch.float32
+            and x.numel() >= UNPACK_MIN_ROWS * self.in_features
+            and self._packed.numel() * 4 <= UNPACK_MAX_BYTES
+            and not torch.compiler.is_compiling()
+        )
 
     def check_move(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Raise ValueError unless ``fn`` (what ``.to()``/``.float()``/``.cpu()`` apply to every tensor)
@@ -180,8 +211,9 @@ class BlockedLinear(PackedLinear):
         for name in layer._pieces:
             piece = getattr(layer, name)
             blocks = -(-piece.shape[0] // width)
-            # oneDNN's layout is opaque: W.T's rows are the products of identity rows with it (exact
-            # in float32: every sum is one weight plus zeros), taken a few MB at a time.
+            # W.T's rows are the products of identity rows with the packed weight (exact in float32:
+            # every sum is one weight plus zeros), taken a few MB at a time, so the conversion never
+            # holds a whole piece twice (as reading it back with to_dense() would).
             rows = max(1, (8 << 20) // (4 * blocks * width))
             for start in range(0, k, rows):
                 chunk = _dnn_linear(eye[start : start + rows], piece, None)  # (rows, outs) = W.T[start : start + rows]
