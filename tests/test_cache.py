@@ -92,6 +92,34 @@ def test_static_cache_reorders_the_written_length_only() -> None:
     assert cache.self_keys[0] is buf
 
 
+@pytest.mark.parametrize(
+    "index, moves",
+    [
+        ([0, 1, 2, 3, 4, 5, 6, 7], []),  # nothing moves: nothing is copied
+        ([0, 0, 2, 1, 4, 5, 6, 7], [1, 3]),  # row 1 is overwritten and also read (by row 3)
+        ([1, 0, 2, 3, 4, 5, 7, 6], [0, 1, 6, 7]),  # swaps: sources read before they are written
+        ([7, 6, 5, 4, 3, 2, 1, 0], None),  # more than half move: the whole selection
+    ],
+)
+@pytest.mark.parametrize("static", [False, True])
+def test_reorder_copies_only_the_rows_that_move(index, moves, static) -> None:
+    torch.manual_seed(0)
+    cache = EncoderDecoderCache(num_layers=2, max_length=5, static=static)
+    for layer in range(2):
+        cache.update(layer, torch.randn(8, 2, 3, 4), torch.randn(8, 2, 3, 4))
+    cache.advance(3)
+    keys = [k.clone() for k in cache.self_keys]
+    values = [v.clone() for v in cache.self_values]
+    index = torch.tensor(index)
+    moved = EncoderDecoderCache._moved_rows(index)
+    assert (moved is None) if moves is None else moved.tolist() == moves
+    cache.reorder_cache(index, length=3)
+    for layer in range(2):
+        assert torch.equal(cache.self_keys[layer][:, :, :3], keys[layer][index, :, :3])
+        assert torch.equal(cache.self_values[layer][:, :, :3], values[layer][index, :, :3])
+        assert torch.equal(cache.self_keys[layer][:, :, 3:], keys[layer][:, :, 3:])  # unwritten: untouched
+
+
 # ------------------------------------------------------------------------------------------------
 # Buffers that live for a generation, mapped outside the heap (OFF_HEAP_BYTES).
 
