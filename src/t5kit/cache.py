@@ -184,7 +184,8 @@ class EncoderDecoderCache:
         Cross-attention keys/values are left alone: beams of one input share them (the attention
         layer groups a row's beams against its single copy of the encoder keys). ``length``: the
         positions written so far, if the caller knows it; a static cache (whose count is a tensor)
-        then moves only those, not its whole buffer (the rest are zeros in every row).
+        then moves only those, not its whole buffer (the rest are zeros in every row). A preallocated
+        cache on the CPU copies only the rows that move (see :meth:`_moved_rows`).
         """
         n = self._length
         if self.static:
