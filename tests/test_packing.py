@@ -39,16 +39,17 @@ def test_layer_equals_f_linear(rows, bias):
         packed(x.double())
 
 
-def _count_dnn_products(monkeypatch) -> list[int]:
-    """Count the packed layers' oneDNN products (packing._dnn_linear) from now on."""
+def _count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Count the calls of ``owner.<name>`` from now on (e.g. the packed layers' oneDNN products,
+    packing._dnn_linear)."""
     calls = [0]
-    dnn = packing._dnn_linear
+    original = getattr(owner, name)
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls[0] += 1
-        return dnn(*args)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(packing, "_dnn_linear", counted)
+    monkeypatch.setattr(owner, name, counted)
     return calls
 
 
@@ -58,7 +59,7 @@ def test_many_rows_multiply_the_weight_read_back_through_f_linear(bias, monkeypa
     layer = Linear(96, 200, bias=bias)
     packed = PackedLinear.from_linear(layer)
     monkeypatch.setattr(packing, "UNPACK_MIN_ROWS", 8)
-    calls = _count_dnn_products(monkeypatch)
+    calls = _count_calls(monkeypatch, packing, "_dnn_linear")
     many, few = torch.randn(2, 4, 96), torch.randn(7, 96)
     with torch.no_grad():
         # The weight read back is the weight, bit for bit, so the product is F.linear's exactly.
@@ -85,15 +86,8 @@ def test_prepacked_model_with_many_rows_through_f_linear(monkeypatch):
     packed = t5kit.prepack(model)
     # The encoder's 3 x 9 rows (and cross-attention's keys of them) read back; the decoder's 3 x 6 not.
     monkeypatch.setattr(packing, "UNPACK_MIN_ROWS", 20)
-    calls = _count_dnn_products(monkeypatch)
-    read_back = [0]
-    to_dense = torch.Tensor.to_dense
-
-    def counted_to_dense(self, *args, **kwargs):
-        read_back[0] += 1
-        return to_dense(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "to_dense", counted_to_dense)
+    calls = _count_calls(monkeypatch, packing, "_dnn_linear")
+    read_back = _count_calls(monkeypatch, torch.Tensor, "to_dense")
     assert_rel_close(packed(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, ref, what="logits")
     assert read_back[0] > 0 and calls[0] > 0  # both routes taken in one forward
     assert torch.equal(packed.generate(**gen, num_beams=3), beam)

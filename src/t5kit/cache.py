@@ -190,7 +190,7 @@ class EncoderDecoderCache:
         n = self._length
         if self.static:
             n = self.max_length if length is None else length
-        moved = self._moved_rows(index)
+        moved = self._moved_rows(index) if self.max_length is not None else None  # only preallocated caches use it
         for i in range(self.num_layers):
             k, v = self.self_keys[i], self.self_values[i]
             if k is None or v is None:
