@@ -350,3 +350,53 @@ def test_onednn_linear_bfloat16_and_autocast(bf16_instructions, monkeypatch):
     assert calls == ([torch.bfloat16] if bf16_instructions else [])
     expected = torch.nn.functional.linear(x.bfloat16().float(), half.weight.float(), half.bias.float())
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_inplace_gelu_times_equals_f_gelu_and_leaves_its_inputs() -> None:
+    from t5kit.modeling import _gelu_tanh_times
+
+    torch.manual_seed(0)
+    h = torch.randn(64, 2 * 1024) * 3
+    gate, up = h.chunk(2, dim=-1)  # views of one product, as from the fused wi_0|wi_1
+    before = h.clone()
+    out = _gelu_tanh_times(gate, up)
+    exact = F.gelu(gate.double(), approximate="tanh") * up.double()
+    assert (out.double() - exact).abs().max().item() <= 2e-6 * exact.abs().max().item()
+    assert_rel_close(out, F.gelu(gate, approximate="tanh") * up, what="gelu(gate) * up")
+    assert torch.equal(h, before), "the gate and up views were written to"
+
+
+def test_inplace_gelu_only_without_gradients_on_large_float32_cpu_gates() -> None:
+    from t5kit.modeling import _INPLACE_GELU_MIN_NUMEL, _inplace_gelu_ok
+
+    big = torch.randn(_INPLACE_GELU_MIN_NUMEL)
+    assert _inplace_gelu_ok(big)
+    assert not _inplace_gelu_ok(big[:-1])  # small: F.gelu's two calls are cheaper
+    assert not _inplace_gelu_ok(big.bfloat16())
+    assert not _inplace_gelu_ok(big.requires_grad_())  # autograd needs what the in-place steps overwrite
+    with torch.no_grad():
+        assert _inplace_gelu_ok(big)
+
+
+def test_gated_model_through_inplace_gelu_matches_reference(tmp_path, monkeypatch) -> None:
+    """A gated model whose gates are large enough to take the in-place gelu, against transformers,
+    and against itself through F.gelu; gradients still flow through F.gelu."""
+    import t5kit.modeling as modeling
+
+    save_hf_model("MT5", "EncoderModel", "gated_untied", tmp_path, d_ff=512)
+    ref_model = load_hf("MT5", "EncoderModel", tmp_path)
+    ours = t5kit.MT5EncoderModel.from_pretrained(tmp_path).eval()
+    ids = torch.randint(2, ours.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    calls = []
+    fast = modeling._gelu_tanh_times
+    monkeypatch.setattr(modeling, "_gelu_tanh_times", lambda gate, up: calls.append(gate.numel()) or fast(gate, up))
+    with torch.no_grad():
+        out = ours(input_ids=ids).last_hidden_state
+        assert calls and min(calls) >= modeling._INPLACE_GELU_MIN_NUMEL, "the in-place gelu was not taken"
+        assert_rel_close(out, ref_model(input_ids=ids).last_hidden_state, what="encoder output")
+        monkeypatch.setattr(modeling, "_INPLACE_GELU_MIN_NUMEL", 1 << 40)
+        assert_rel_close(ours(input_ids=ids).last_hidden_state, out, what="through F.gelu")
+    monkeypatch.setattr(modeling, "_INPLACE_GELU_MIN_NUMEL", 1)
+    calls.clear()
+    ours(input_ids=ids).last_hidden_state.sum().backward()
+    assert not calls and ours.shared.weight.grad is not None

@@ -78,6 +78,40 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+# 2 * sqrt(2/pi) and the cubic coefficient of gelu's tanh approximation.
+_GELU_C, _GELU_A = 2 * math.sqrt(2 / math.pi), 0.044715
+# Smaller gates keep F.gelu: seven calls instead of two would cost more than they save (a decoding step).
+_INPLACE_GELU_MIN_NUMEL = 1 << 16
+
+
+def _inplace_gelu_ok(x: torch.Tensor) -> bool:
+    """Whether :func:`_gelu_tanh_times` may run: eager float32 on the CPU, no gradient wanted, and a
+    large enough gate."""
+    return (
+        x.numel() >= _INPLACE_GELU_MIN_NUMEL
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _gelu_tanh_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` for inference on the CPU, in one buffer.
+
+    PyTorch's CPU tanh-gelu evaluates an accurate tanh per element, about 0.55 G elements/s on 2
+    AMD Zen 3 cores: 5.8% of an mT5-small encoder call at 16 x 128 tokens. The same function is
+    ``x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))``; evaluated so, in place in one new buffer,
+    2048 x 1024 gates take 1.6 ms against 3.8 ms (mT5-small encoders 1.03x faster at 16 x 128
+    tokens, 1.02x at 1 x 128). On standard normal gates its largest error against a float64
+    evaluation is 4.4e-7, F.gelu's own float32 result's 4.1e-7. In-place steps overwrite what
+    autograd would save, hence :func:`_inplace_gelu_ok`; compiled graphs fuse F.gelu themselves.
+    """
+    y = gate * gate  # (..., d_ff), contiguous even when gate is a view of the fused wi_0|wi_1 product
+    y.mul_(_GELU_A * _GELU_C).add_(_GELU_C).mul_(gate)  # 2 * sqrt(2/pi) * (x + 0.044715 x^3)
+    return y.sigmoid_().mul_(gate).mul_(up)
+
+
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -584,8 +618,11 @@ class T5DenseGatedActDense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.wi_01 is not None:
             gate, up = self.wi_01(x).chunk(2, dim=-1)  # (..., d_ff) each
-            return self.wo(self.dropout(self.act(gate) * up))
-        return self.wo(self.dropout(self.act(self.wi_0(x)) * self.wi_1(x)))
+        else:
+            gate, up = self.wi_0(x), self.wi_1(x)
+        if self.act is _gelu_tanh and _inplace_gelu_ok(gate):
+            return self.wo(self.dropout(_gelu_tanh_times(gate, up)))
+        return self.wo(self.dropout(self.act(gate) * up))
 
 
 class T5LayerFF(nn.Module):
