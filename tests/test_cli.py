@@ -83,6 +83,26 @@ def test_run_static_cache_equals_the_default(checkpoint):
     assert static.stdout == default.stdout and len(static.stdout.splitlines()) == 2
 
 
+def test_static_cache_blocks_the_step_on_every_cpu(checkpoint, monkeypatch):
+    """With --cache-implementation static the model only ever decodes with the compiled step, so the
+    command line blocks that step's layers even where the library's default (AVX-512) does not."""
+    from t5kit import packing
+    from t5kit.cli import _build_pipeline, _parser
+    from t5kit.modeling import blocked_linear_lowered
+
+    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", False)  # the AVX-512 default, on any CPU
+    plain = _build_pipeline(_parser().parse_args(["run", "--model", str(checkpoint)]), "text2text-generation", 1)
+    assert packing.BLOCK_DECODING_STEP is False
+    static = _build_pipeline(_parser().parse_args(["run", "--model", str(checkpoint), "--cache-implementation", "static"]),
+                             "text2text-generation", 1)
+    assert packing.BLOCK_DECODING_STEP is True
+    texts = [t for t in TEXTS if t][:2]
+    assert static(texts, max_new_tokens=6) == plain(texts, max_new_tokens=6)
+    blocked = any(isinstance(m, packing.BlockedLinear) for m in static.model.modules())
+    assert blocked == blocked_linear_lowered()
+    assert not any(isinstance(m, packing.BlockedLinear) for m in plain.model.modules())
+
+
 def test_run_feature_extraction_prints_json(checkpoint):
     out = cli("run", "--task", "feature-extraction", "--model", checkpoint, stdin="hello\n")
     assert out.returncode == 0, out.stderr

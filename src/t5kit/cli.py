@@ -88,9 +88,14 @@ def _build_pipeline(args: argparse.Namespace, task: str, default_batch: int) -> 
             raise CLIError("--int8 quantizes a float32 model on the CPU; drop --dtype")
         quantize_dynamic(pipe.model)  # raises ValueError for a model on another device
     elif not args.no_prepack and _prepackable(pipe.model):
-        from .packing import prepack
+        from . import packing
 
-        prepack(pipe.model)  # the command line only runs inference: same tokens, faster products
+        if gen.get("cache_implementation") == "static":
+            # This model only ever decodes with the compiled step, so the step's layers may be blocked
+            # for it on every CPU (the default leaves them alone where eager decoding would pay for it),
+            # and prepack splits the largest layers so that blocking never holds one twice.
+            packing.BLOCK_DECODING_STEP = True
+        packing.prepack(pipe.model)  # the command line only runs inference: same tokens, faster products
     return pipe
 
 

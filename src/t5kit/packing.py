@@ -243,9 +243,13 @@ def _pad_columns(x: torch.Tensor, columns: int) -> torch.Tensor:
 
 
 # Whether a compiled decoding step (cache_implementation="static") reads the step's prepacked float32
-# weights blocked for inductor's template (block_decoding_step) instead of from oneDNN's layout. On
-# by default on CPUs without AVX-512, where it was measured (AMD Zen 3: t5-small's step products
-# about 1.3x faster at one row, 1.1x at 16, equal at 32); off elsewhere (unmeasured).
+# weights blocked for inductor's template (block_decoding_step) instead of from oneDNN's layout.
+# The blocked layers' eager products are slower, so it is a trade between the static step and any
+# eager decoding the same model does later. On by default on CPUs without AVX-512 (AMD Zen 3: the
+# step's products about 1.3x faster at one row, 1.1x at 16; eager products as fast at a few rows,
+# 25-50% slower at 16+). Off by default on AVX-512 CPUs (AMD Zen 5, paired static generations 1.02-1.19x
+# faster, but eager generations afterwards 0.62-0.69x as fast). `t5kit run/batch
+# --cache-implementation static`, whose model only ever decodes static, sets it everywhere.
 BLOCK_DECODING_STEP: bool = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
