@@ -7,13 +7,15 @@ Every system runs in its own subprocess on the same random checkpoint (written o
 transformers), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
 
   transformers[-bf16|-compile]  the reference eager in fp32 / bf16; -compile: static cache + torch.compile
+                                (train: the compiled forward)
   t5kit[-bf16|-int8|-unpacked]  fp32 and bf16 with prepacked weights (t5kit.prepack, as `t5kit run` does;
                                 bf16 stays unpacked on CPUs without bf16 instructions, e.g. AVX2 only),
                                 int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
   t5kit[-bf16|-int8]-static     the same, generating with cache_implementation="static" (the decoding
                                 step captured by torch.compile; compiled in the warm-up round), with the
                                 step's fp32 layers blocked for it, as `t5kit run --cache-implementation
-                                static` does (t5kit.packing.BLOCK_DECODING_STEP)
+                                static` does (t5kit.packing.BLOCK_DECODING_STEP); train: the forward
+                                through torch.compile, as TrainingArguments(torch_compile=True) does
   ctranslate2[-int8]            CTranslate2's converter and Translator (T5 vocabulary shapes only)
   onnxruntime[-int8]            encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
 
@@ -120,12 +122,13 @@ def worker(system: str, model_dir: str, rounds: int, out_file: str) -> None:
         result = _ctranslate2(system, model_dir, rounds)
     elif system.startswith("onnxruntime"):
         result = _onnxruntime(system, model_dir, rounds)
-    elif system == "t5kit-train":
+    elif system in ("t5kit-train", "t5kit-train-compile"):
         # Its own process: a prepacked model is inference-only, and prepack tunes the process's
         # allocator for inference (keep_freed_memory), which the training measurement should not see.
         import t5kit
 
-        result = {"train": _train_steps_per_s(t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir), rounds)}
+        model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+        result = {"train": _train_steps_per_s(model, rounds, compiled=system.endswith("-compile"))}
     else:
         result = _torch_system(system, model_dir, rounds, out_file + ".logits.pt")
     result.setdefault("peak RSS MB", _peak_rss_mb())
@@ -181,21 +184,23 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
             dec = torch.tensor(out["tokens"]["greedy b16"][:4])
             torch.save(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float(), logits_file)
             out["logits"] = logits_file
-    if system == "transformers" and "train" in COLUMNS:
-        out["train"] = _train_steps_per_s(model, rounds)
+    if system in ("transformers", "transformers-compile") and "train" in COLUMNS:
+        out["train"] = _train_steps_per_s(model, rounds)  # -compile: its forward is compiled (above)
     return out
 
 
-def _train_steps_per_s(model: torch.nn.Module, rounds: int) -> float:
-    """fp32 forward + backward + AdamW steps/s: batch 8, 128 -> 64 tokens."""
+def _train_steps_per_s(model: torch.nn.Module, rounds: int, compiled: bool = False) -> float:
+    """fp32 forward + backward + AdamW steps/s: batch 8, 128 -> 64 tokens; ``compiled``: the forward
+    (and so the backward) through torch.compile, compiled in the warm-up step."""
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(2, 32000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long),
              "labels": torch.randint(2, 32000, (8, 64), generator=g)}
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    forward = torch.compile(model) if compiled else model
 
     def step() -> None:
-        model(**batch).loss.backward()
+        forward(**batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -309,8 +314,9 @@ def main() -> None:
             result = _run_worker(system, work, args.rounds, tag=str(repeat))
             if result is None:
                 continue
-            if system == "t5kit" and repeat == 0 and "train" in COLUMNS:  # training: a worker of its own, once
-                train = _run_worker("t5kit-train", work, args.rounds, tag=str(repeat))
+            if system in ("t5kit", "t5kit-static") and repeat == 0 and "train" in COLUMNS:  # a worker of its own, once
+                trainer = "t5kit-train" if system == "t5kit" else "t5kit-train-compile"
+                train = _run_worker(trainer, work, args.rounds, tag=str(repeat))
                 if train is not None:
                     result["train"] = train["train"]
             run[system] = result

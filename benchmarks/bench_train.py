@@ -1,15 +1,18 @@
 """Training steps/s of t5kit against transformers: same random model, same batch, same run.
 
-    python benchmarks/bench_train.py [--shape t5-small] [--batch 8] [--src 128] [--tgt 64] [--steps 5]
+    python benchmarks/bench_train.py [--shape t5-small] [--batch 8] [--src 128] [--tgt 64] [--steps 5] [--compile]
 
 One step = forward with labels, backward, torch.optim.AdamW step, fp32. Prints the median step time
 of each and the ratio (t5kit steps/s / transformers steps/s; > 1 means t5kit is faster), and checks
-that the first losses agree.
+that the first losses agree. --compile adds both models with their forward through torch.compile
+(t5kit's TrainingArguments(torch_compile=True)), compiled in the warm-up step, with ratios against
+transformers eager.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -19,21 +22,22 @@ import torch
 from bench_generate import SHAPES
 
 
-def _steps(model, batch, n: int) -> tuple[float, float]:
+def _steps(model, batch, n: int, compiled: bool = False) -> tuple[float, float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
+    forward = torch.compile(model) if compiled else model
     first = None
     times = []
-    for i in range(n + 1):  # the first step warms up
+    for i in range(n + 1):  # the first step warms up (and compiles)
         start = time.perf_counter()
-        loss = model(**batch).loss
+        loss = forward(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - start)
         else:
-            first = float(loss)
+            first = float(loss.detach())
     return statistics.median(times), first  # type: ignore[return-value]
 
 
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--src", type=int, default=128)
     parser.add_argument("--tgt", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also measure both with torch.compile")
     args = parser.parse_args()
     import transformers
 
@@ -55,24 +60,27 @@ def main() -> None:
     torch.manual_seed(0)
     config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
     ref = getattr(transformers, f"{family}ForConditionalGeneration")(config)
+    ref_compiled = copy.deepcopy(ref) if args.compile else None  # the same start: training changes the weights
     with tempfile.TemporaryDirectory() as d:
         ref.save_pretrained(d)
         ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d)
+        ours_compiled = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d) if args.compile else None
     g = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(2, 32000, (args.batch, args.src), generator=g),
         "attention_mask": torch.ones(args.batch, args.src, dtype=torch.long),
         "labels": torch.randint(2, 32000, (args.batch, args.tgt), generator=g),
     }
-    t_ours, loss_ours = _steps(ours, batch, args.steps)
-    t_ref, loss_ref = _steps(ref, batch, args.steps)
+    rows = [("t5kit", *_steps(ours, batch, args.steps)), ("transformers", *_steps(ref, batch, args.steps))]
+    if args.compile:
+        rows += [("t5kit compiled", *_steps(ours_compiled, batch, args.steps, compiled=True)),
+                 ("transformers compiled", *_steps(ref_compiled, batch, args.steps, compiled=True))]
     print(f"{args.shape} (random weights), fp32 forward+backward+AdamW, batch {args.batch}, {args.src}->{args.tgt} tokens, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
-    print(f"t5kit        {1 / t_ours:6.3f} steps/s   first loss {loss_ours:.6f}")
-    print(f"transformers {1 / t_ref:6.3f} steps/s   first loss {loss_ref:.6f}")
-    print(f"ratio {t_ref / t_ours:.2f}x")
-
+    t_ref = rows[1][1]
+    for name, t, loss in rows:
+        print(f"{name:22s} {1 / t:6.3f} steps/s   {t_ref / t:5.2f}x transformers   first loss {loss:.6f}")
 
 if __name__ == "__main__":
     main()

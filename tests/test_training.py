@@ -143,6 +143,25 @@ def test_bf16_and_gradient_checkpointing_train(tmp_path):
     assert set(metrics) == {"eval_loss"} and metrics["eval_loss"] > 0
 
 
+def test_torch_compile_trains_as_eager(tmp_path):
+    """Compiled training steps (batches of changing lengths, so a recompile with dynamic shapes)
+    give eager's losses and weights to float32 rounding; out-of-range ids still get a ValueError."""
+    eager, compiled = make_model(dropout=0.0), make_model(dropout=0.0)
+    a = Trainer(eager, _args(tmp_path / "a", optimizer="adamw", save_steps=None), dataset())
+    b = Trainer(compiled, _args(tmp_path / "b", optimizer="adamw", save_steps=None, torch_compile=True), dataset())
+    for _ in range(4):
+        la, lb = a.training_step(), b.training_step()
+        assert lb[0] == pytest.approx(la[0], rel=1e-5) and lb[1] == la[1]
+    for name, value in _state(eager).items():
+        torch.testing.assert_close(_state(compiled)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert b.evaluate(dataset(8))["eval_loss"] == pytest.approx(a.evaluate(dataset(8))["eval_loss"], rel=1e-5)
+    bad = Trainer(compiled, _args(tmp_path / "c", save_steps=None, torch_compile=True), [{"input_ids": [5, 64], "labels": [3, 1]}])
+    with pytest.raises(ValueError, match="input_ids holds token id 64"):
+        bad.training_step()
+    with pytest.raises(ValueError, match="fsdp"):
+        TrainingArguments(output_dir=str(tmp_path), torch_compile=True, distributed="fsdp")
+
+
 def test_text_metrics(tmp_path):
     from t5kit.training import text_metric
 
@@ -169,10 +188,12 @@ def test_training_argument_errors(tmp_path):
 
 @pytest.mark.parametrize(
     "mode, optimizer, resume",
-    [("ddp", "adafactor", ""), ("fsdp", "adamw", ""), ("fsdp", "adafactor", ""), ("ddp", "adamw", "resume"), ("fsdp", "adamw", "resume")],
+    [("ddp", "adafactor", ""), ("fsdp", "adamw", ""), ("fsdp", "adafactor", ""), ("ddp", "adamw", "resume"), ("fsdp", "adamw", "resume"),
+     ("ddp", "adamw", "compile")],
 )
 def test_torchrun_two_processes_equal_one(tmp_path, mode, optimizer, resume):
-    """2 processes on half batches == 1 process on the whole batch (and so does a checkpoint + resume midway)."""
+    """2 processes on half batches == 1 process on the whole batch (and so does a checkpoint + resume
+    midway, and DDP with compiled steps)."""
     out = tmp_path / "result.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "helpers" / "dist_train.py"), mode, optimizer, str(out), resume]
@@ -226,6 +247,34 @@ def test_train_command_trains_resumes_and_saves(tmp_path):
         assert torch.equal(a, b), name
     bad = subprocess.run([*base[:7], str(tmp_path / "missing.jsonl"), *base[8:-2]], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+
+
+def test_train_command_passes_torch_compile(tmp_path, monkeypatch):
+    """--torch-compile reaches TrainingArguments (the compiled step itself: test_torch_compile_trains_as_eager)."""
+    from conftest import SHARED
+
+    import t5kit.training
+    from t5kit.cli import main
+
+    vocab = SHARED / "data" / "t5-vocab"
+    if not vocab.exists():
+        pytest.skip("the shared T5 vocabulary is not available")
+    make_model().save_pretrained(tmp_path / "start")
+    (tmp_path / "train.jsonl").write_text(json.dumps({"input": "a b", "target": "c"}) + "\n")
+    seen = {}
+
+    class Recorder:
+        def __init__(self, model, args, *rest, **kw):
+            seen["args"] = args
+            raise _Killed
+
+    monkeypatch.setattr(t5kit.training, "Trainer", Recorder)
+    base = ["train", "--model", str(tmp_path / "start"), "--tokenizer", str(vocab), "--train", str(tmp_path / "train.jsonl"),
+            "--output", str(tmp_path / "out")]
+    for flag, expected in (([], False), (["--torch-compile"], True)):
+        with pytest.raises(_Killed):
+            main(base + flag)
+        assert seen.pop("args").torch_compile is expected
 
 
 def test_demo_meets_its_accuracy_and_time_bounds():

@@ -346,7 +346,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, optimizer=args.optimizer,
         learning_rate=args.lr or None, lr_schedule=args.schedule, warmup_steps=args.warmup_steps, bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing, save_steps=args.save_steps,
+        gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.torch_compile, save_steps=args.save_steps,
         eval_steps=args.eval_steps if evaluation else None, eval_metric=args.metric, seed=args.seed,
         distributed=args.distributed,
     )
@@ -421,6 +421,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=int, default=0)
     train.add_argument("--bf16", action="store_true", help="bf16 autocast")
     train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--torch-compile", action="store_true",
+                       help="compile the training step's forward and loss with torch.compile (faster steps after a compile)")
     train.add_argument("--save-steps", type=int, default=500)
     train.add_argument("--eval-steps", type=int, default=None)
     train.add_argument("--metric", choices=["bleu", "chrf", "rouge"], default=None)

@@ -197,6 +197,11 @@ class PreTrainedModel(nn.Module):
             raise ValueError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
+        if torch.compiler.is_compiling():
+            # Reading the range back would break the graph in two (twice per forward). Compiled
+            # graphs bound-check their own gathers (inductor raises "index out of bounds"), and the
+            # Trainer's compiled step checks its ids eagerly before the call.
+            return
         vocab = self.config.vocab_size
         valid = ids if not allow_ignore else ids.masked_fill(ids == -100, 0)
         lo, hi = torch.aminmax(valid)

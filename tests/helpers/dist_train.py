@@ -1,6 +1,6 @@
 """Run under torchrun by tests/test_training.py: train a tiny model with DDP or FSDP2 and save the result.
 
-    torchrun --nproc_per_node 2 tests/helpers/dist_train.py MODE OPTIMIZER OUT.pt [resume]
+    torchrun --nproc_per_node 2 tests/helpers/dist_train.py MODE OPTIMIZER OUT.pt [resume|compile]
 """
 
 import sys
@@ -18,7 +18,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model = make_model(dropout=0.0)
     args = TrainingArguments(output_dir=out + ".d", max_steps=STEPS, batch_size=GLOBAL_BATCH // 2, optimizer=optimizer,
-                             learning_rate=1e-2, save_steps=None, distributed=mode, progress_bar=False, shuffle=True)
+                             learning_rate=1e-2, save_steps=None, distributed=mode, progress_bar=False, shuffle=True,
+                             torch_compile=sys.argv[4:5] == ["compile"])
     trainer = Trainer(model, args, dataset())
     if len(sys.argv) > 4 and sys.argv[4] == "resume":  # half the steps, a checkpoint, a fresh start from it
         losses = [trainer.training_step()[0] for _ in range(STEPS // 2)]
