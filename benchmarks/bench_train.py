@@ -82,5 +82,6 @@ def main() -> None:
     for name, t, loss in rows:
         print(f"{name:22s} {1 / t:6.3f} steps/s   {t_ref / t:5.2f}x transformers   first loss {loss:.6f}")
 
+
 if __name__ == "__main__":
     main()
