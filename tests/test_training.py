@@ -162,6 +162,29 @@ def test_torch_compile_trains_as_eager(tmp_path):
         TrainingArguments(output_dir=str(tmp_path), torch_compile=True, distributed="fsdp")
 
 
+def test_torch_compile_with_bf16_autocast_trains_as_eager(tmp_path):
+    """Compiled steps under bf16 autocast follow eager bf16 steps to bf16 rounding: the compiler
+    fuses and orders bf16 operations its own way, so not to float32 rounding, but it adds no more
+    error than bf16 itself does against float32 training (AdamW turns that rounding into weight
+    differences of up to lr where gradients are tiny, so the weights are compared on average)."""
+    initial = _state(make_model(dropout=0.0))
+    models = [make_model(dropout=0.0) for _ in range(3)]
+    modes = [("fp32", {}), ("bf16", {"bf16": True}), ("compiled", {"bf16": True, "torch_compile": True})]
+    trainers = [Trainer(m, _args(tmp_path / name, optimizer="adamw", save_steps=None, **kw), dataset())
+                for m, (name, kw) in zip(models, modes)]
+    for _ in range(3):
+        fp32, bf16, compiled = (t.training_step()[0] for t in trainers)
+        assert compiled == pytest.approx(bf16, rel=1e-2) and bf16 == pytest.approx(fp32, rel=1e-2)
+    fp32, bf16, compiled = (_state(m) for m in models)
+
+    def mean_gap(x: dict, y: dict) -> float:
+        return sum((x[k] - y[k]).abs().sum().item() for k in x) / sum(v.numel() for v in x.values())
+
+    update = mean_gap(bf16, initial)  # about lr (1e-2) per weight after 3 AdamW steps
+    assert mean_gap(compiled, fp32) > 1e-3 * update  # autocast was in force in the compiled step
+    assert mean_gap(compiled, bf16) < 2 * mean_gap(bf16, fp32) and mean_gap(compiled, bf16) < 0.05 * update
+
+
 def test_text_metrics(tmp_path):
     from t5kit.training import text_metric
 
