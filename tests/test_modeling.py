@@ -400,3 +400,26 @@ def test_gated_model_through_inplace_gelu_matches_reference(tmp_path, monkeypatc
     calls.clear()
     ours(input_ids=ids).last_hidden_state.sum().backward()
     assert not calls and ours.shared.weight.grad is not None
+
+
+def test_compiled_forward_is_one_graph_and_names_bad_ids():
+    """torch.compile(model, fullgraph=True) captures the whole forward with labels (the id checks
+    do not read values back, which would break the graph) and gives eager's loss and logits; ids out
+    of range still fail with an error naming the tensor, raised by the graph itself."""
+    model = tiny_model("T5", "gated_untied")
+    vocab = model.config.vocab_size
+    ids, mask, dec = make_batch(vocab)
+    compiled = torch.compile(model, fullgraph=True)
+    eager = model(input_ids=ids, attention_mask=mask, labels=dec)
+    out = compiled(input_ids=ids, attention_mask=mask, labels=dec)
+    torch.testing.assert_close(out.logits, eager.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    bad_ids, bad_labels = ids.clone(), dec.clone()
+    bad_ids[0, 0], bad_labels[2, 1] = vocab, -5
+    with pytest.raises(RuntimeError, match=rf"input_ids holds a token id outside the vocabulary \[0, {vocab}\)"):
+        compiled(input_ids=bad_ids, attention_mask=mask, labels=dec)
+    with pytest.raises(RuntimeError, match=r"labels holds a token id outside the vocabulary \[0, \d+\) \(or -100"):
+        compiled(input_ids=ids, attention_mask=mask, labels=bad_labels)
+    dec[0, -1] = -100  # ignored positions pass
+    torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask, labels=dec).loss,
+                               model(input_ids=ids, attention_mask=mask, labels=dec).loss, rtol=1e-5, atol=1e-6)

@@ -197,17 +197,19 @@ class PreTrainedModel(nn.Module):
             raise ValueError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(ids.shape)})")
-        if torch.compiler.is_compiling():
-            # Reading the range back would break the graph in two (twice per forward). Compiled
-            # graphs bound-check their own gathers (inductor raises "index out of bounds"), and the
-            # Trainer's compiled step checks its ids eagerly before the call.
-            return
         vocab = self.config.vocab_size
         valid = ids if not allow_ignore else ids.masked_fill(ids == -100, 0)
+        extra = " (or -100 to ignore a position)" if allow_ignore else ""
+        if torch.compiler.is_compiling():
+            # Reading the range back would break the graph in two (twice per forward): the graph
+            # checks it itself and raises a RuntimeError with this message. The Trainer's compiled
+            # step checks its ids eagerly first, for the ValueError below.
+            in_range = ((valid >= 0) & (valid < vocab)).all()
+            torch._assert_async(in_range, f"{name} holds a token id outside the vocabulary [0, {vocab}){extra}")
+            return
         lo, hi = torch.aminmax(valid)
         if int(lo) < 0 or int(hi) >= vocab:
             bad = int(lo) if int(lo) < 0 else int(hi)
-            extra = " (or -100 to ignore a position)" if allow_ignore else ""
             raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab}){extra}")
 
     def _check_hidden(self, x: torch.Tensor, name: str) -> None:

@@ -233,7 +233,8 @@ class Trainer:
         batch["decoder_input_ids"] = self.model._shift_right(labels, batch.get("decoder_segment_ids"))
         forward = self._forward_loss
         if self._compiled_loss is not None and self.wrapped.training:
-            # The compiled graph skips the model's value checks on ids (see _check_ids): check here.
+            # Inside the compiled graph a bad id is a RuntimeError (see _check_ids): check here for
+            # eager training's ValueError.
             self.model._check_ids(batch["input_ids"], "input_ids")
             self.model._check_ids(labels, "labels", allow_ignore=True)
             forward = self._compiled_loss
