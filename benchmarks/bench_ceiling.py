@@ -6,12 +6,13 @@ A batch-1 decoder step must read every weight it multiplies by once: the decoder
 q/k/v/o, cross-attention q/o (the cross keys/values are computed once per input, not per step),
 the feed-forward matrices and the output projection. Weights do not fit in the caches, so the
 floor is (those bytes) / (the memory bandwidth this machine achieves reading a large buffer with
-the threads torch uses; read before every mode, the highest reading taken). Prints the floor and t5kit's measured times per mode (fp32 with plain
-and prepacked weights, bf16 prepacked, int8; each but the first also with the compiled static
-step, its layers blocked as ``t5kit run --cache-implementation static`` does), each against it:
+the threads torch uses; read before every mode, the highest reading taken). Prints the floor and
+t5kit's measured times per mode (fp32 with plain and prepacked weights, bf16 prepacked, int8; each
+but the first also with the compiled static step, its layers blocked as ``t5kit run
+--cache-implementation static`` does), each against it:
 
   per token  greedy generation time / new tokens: what a user waits per token, so it includes the
-             one-off encoder, cross keys/values and first step (t5-base: about 15% at 64 tokens)
+             one-off encoder, cross keys/values and first step (4-10% of it at 64 tokens)
   per step   the steps after the first alone: (time for N tokens - time for 1) / (N - 1), both
              generations with the same cache length (the short one stopped by a stopping
              criterion), so the compiled step's graph is the same
