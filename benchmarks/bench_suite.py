@@ -57,6 +57,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_generate import SHAPES, _median_time as _median  # noqa: E402
+from bench_train import train_batch, train_steps  # noqa: E402
 
 VOCAB = HERE.parents[1] / "shared" / "data" / "t5-vocab"
 COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8", "train", "peak RSS MB"]
@@ -192,19 +193,7 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
 def _train_steps_per_s(model: torch.nn.Module, rounds: int, compiled: bool = False) -> float:
     """fp32 forward + backward + AdamW steps/s: batch 8, 128 -> 64 tokens; ``compiled``: the forward
     (and so the backward) through torch.compile, compiled in the warm-up step."""
-    g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(2, 32000, (8, 128), generator=g), "attention_mask": torch.ones(8, 128, dtype=torch.long),
-             "labels": torch.randint(2, 32000, (8, 64), generator=g)}
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    forward = torch.compile(model) if compiled else model
-
-    def step() -> None:
-        forward(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    t, _ = _median(step, rounds)
+    t, _ = train_steps(model, train_batch(8, 128, 64), rounds, compiled)
     return 1 / t
 
 

@@ -22,7 +22,20 @@ import torch
 from bench_generate import SHAPES
 
 
-def _steps(model, batch, n: int, compiled: bool = False) -> tuple[float, float]:
+def train_batch(batch: int, src: int, tgt: int) -> dict[str, torch.Tensor]:
+    """A fixed random batch: ``batch`` inputs of ``src`` tokens, labels of ``tgt`` tokens."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(2, 32000, (batch, src), generator=g),
+        "attention_mask": torch.ones(batch, src, dtype=torch.long),
+        "labels": torch.randint(2, 32000, (batch, tgt), generator=g),
+    }
+
+
+def train_steps(model, batch, n: int, compiled: bool = False) -> tuple[float, float]:
+    """Median seconds of ``n`` fp32 forward + backward + AdamW steps after one warm-up step, and the
+    warm-up step's loss; ``compiled``: the forward (and so the backward) through torch.compile,
+    compiled in the warm-up step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     forward = torch.compile(model) if compiled else model
@@ -65,16 +78,11 @@ def main() -> None:
         ref.save_pretrained(d)
         ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d)
         ours_compiled = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d) if args.compile else None
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "input_ids": torch.randint(2, 32000, (args.batch, args.src), generator=g),
-        "attention_mask": torch.ones(args.batch, args.src, dtype=torch.long),
-        "labels": torch.randint(2, 32000, (args.batch, args.tgt), generator=g),
-    }
-    rows = [("t5kit", *_steps(ours, batch, args.steps)), ("transformers", *_steps(ref, batch, args.steps))]
+    batch = train_batch(args.batch, args.src, args.tgt)
+    rows = [("t5kit", *train_steps(ours, batch, args.steps)), ("transformers", *train_steps(ref, batch, args.steps))]
     if args.compile:
-        rows += [("t5kit compiled", *_steps(ours_compiled, batch, args.steps, compiled=True)),
-                 ("transformers compiled", *_steps(ref_compiled, batch, args.steps, compiled=True))]
+        rows += [("t5kit compiled", *train_steps(ours_compiled, batch, args.steps, compiled=True)),
+                 ("transformers compiled", *train_steps(ref_compiled, batch, args.steps, compiled=True))]
     print(f"{args.shape} (random weights), fp32 forward+backward+AdamW, batch {args.batch}, {args.src}->{args.tgt} tokens, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps; torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
