@@ -6,6 +6,8 @@ it is absent.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,44 @@ def make_batch(vocab: int, batch: int = 3, length: int = 9, seed: int = 1):
 @pytest.fixture
 def no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+needs_peak_memory = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(), reason="measures peak memory through Linux's /proc/self"
+)
+
+
+def peak_growth_mb(setup: str, operation: str) -> float:
+    """MB by which the peak resident memory of a fresh Python process rose, while ``operation``
+    ran, above its size just before (Linux: VmHWM, reset through /proc/self/clear_refs). ``setup``
+    runs first: imports, loading."""
+    script = f"""{setup}
+def _mb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM to the current size
+_before = _mb("VmRSS")
+{operation}
+print(_mb("VmHWM") - _before)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return float(out.stdout.split()[-1])
+
+
+@pytest.fixture(scope="session")
+def big_head_checkpoint(tmp_path_factory) -> Path:
+    """A saved float32 checkpoint that is almost all embedding and output projection, 64 MB each
+    (32768 x 512), for measuring the memory that converting and loading it takes."""
+    import t5kit
+
+    torch.manual_seed(0)
+    config = t5kit.T5Config(
+        vocab_size=32768, d_model=512, d_kv=16, num_heads=2, d_ff=64, num_layers=1, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, dropout_rate=0.0,
+    )
+    path = tmp_path_factory.mktemp("big_head")
+    t5kit.T5ForConditionalGeneration(config).save_pretrained(path)  # fsynced: no dirty pages to pin
+    return path

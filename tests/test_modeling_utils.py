@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import t5kit
-from conftest import ROOT, VARIANTS, assert_rel_close, hf, load_hf, make_batch, save_hf_model, tiny_model
+from conftest import (
+    ROOT, VARIANTS, assert_rel_close, hf, load_hf, make_batch, needs_peak_memory, peak_growth_mb, save_hf_model, tiny_model,
+)
 
 
 def _logits(model, vocab: int) -> torch.Tensor:
@@ -181,6 +183,35 @@ def test_dtype_and_device_options(tmp_path) -> None:
     assert t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path / "bf16", dtype="auto").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="Unknown dtype"):
         t5kit.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype="int3")
+
+
+def test_dtype_conversion_while_loading_is_to_dtype_chunk_by_chunk() -> None:
+    """from_pretrained converts a tensor a chunk at a time: the values of tensor.to(dtype)."""
+    from t5kit._files import MappedPages
+    from t5kit.modeling_utils import _convert_releasing
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 11) * 1e3
+    for dtype in (torch.bfloat16, torch.float16):
+        for chunk_bytes in (4, 44, 1 << 20):  # one float, 11 floats, all of it
+            out = _convert_releasing(x, dtype, MappedPages(), chunk_bytes=chunk_bytes)
+            assert out.dtype == dtype and torch.equal(out, x.to(dtype))
+    assert torch.equal(_convert_releasing(x.t(), torch.bfloat16, MappedPages()), x.t().to(torch.bfloat16))
+
+
+@needs_peak_memory
+def test_loading_in_bfloat16_never_holds_the_float32_file(big_head_checkpoint) -> None:
+    """A float32 checkpoint (128 MB: a 64 MB embedding and a 64 MB head) loaded as bfloat16 (64 MB):
+    each tensor's pages in the file's memory map go back as it is converted, so peak memory grows
+    by about the bfloat16 model plus a chunk (83 MB measured), not the whole float32 file beside
+    it (196 MB before). The same for model.to(torch.bfloat16) of the float32 model, a tensor at a
+    time (128 MB measured: the copies plus the largest source tensor; 193 MB before)."""
+    path = repr(str(big_head_checkpoint))
+    grow = peak_growth_mb("import torch, t5kit", f"t5kit.AutoModelForSeq2SeqLM.from_pretrained({path}, dtype=torch.bfloat16)")
+    assert grow < 112, grow
+    load = f"import torch, t5kit\nmodel = t5kit.AutoModelForSeq2SeqLM.from_pretrained({path})"
+    grow = peak_growth_mb(load, "model.to(torch.bfloat16)")
+    assert grow < 160, grow
 
 
 def _hub_cache(tmp_path, model) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ._files import atomic_path, atomic_write_text, resolve_file
+from ._files import MappedPages, atomic_path, atomic_write_text, resolve_file
 from .config import CONFIG_CLASSES, T5Config, _HUB_KWARGS
 
 __all__ = ["PreTrainedModel", "load_checkpoint_state", "WEIGHTS_NAMES"]
@@ -125,7 +125,18 @@ class PreTrainedModel(nn.Module):
         for module in self.modules():
             if hasattr(module, "check_move"):
                 module.check_move(fn)
-        return super()._apply(fn, recurse)
+        # A tensor that fn copies (another dtype or device) leaves its pages in the checkpoint's
+        # memory map behind: handed back as it goes, model.to(torch.bfloat16) of a freshly loaded
+        # float32 model never holds the whole float32 file resident beside the bfloat16 copy.
+        pages = MappedPages()
+
+        def convert(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if out.data_ptr() != t.data_ptr():
+                pages.release(t)
+            return out
+
+        return super()._apply(convert, recurse)
 
     @property
     def device(self) -> torch.device:
@@ -560,15 +571,37 @@ def load_checkpoint_state(
     state: dict[str, torch.Tensor] = {}
     seen_dtype: torch.dtype | None = None
     for path in tqdm(files, desc="Loading checkpoint shards", disable=len(files) < 2):
+        pages: MappedPages | None = None  # made once the file is mapped (its first tensor read)
         for key, tensor in _iter_file(path, device):
             if tensor.is_floating_point():
                 if dtype is not None and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
+                    # The converted copy is kept; the stored tensor's pages in the file's memory
+                    # map go back now, not when the whole file is unmapped (an mT5 float32 file
+                    # loaded as bfloat16 would otherwise be resident whole beside its copy).
+                    pages = pages or MappedPages()
+                    tensor = _convert_releasing(tensor, dtype, pages)
                 seen_dtype = seen_dtype or tensor.dtype
             state[key] = tensor
     if not state:
         raise OSError(f"The checkpoint {', '.join(files)} holds no tensors")
     return state, dtype or seen_dtype or torch.float32
+
+
+def _convert_releasing(tensor: torch.Tensor, dtype: torch.dtype, pages: MappedPages, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """``tensor.to(dtype)`` (the same values), a CPU tensor converted ``chunk_bytes`` of the source at
+    a time with each chunk's pages in a memory-mapped file handed back once converted: converting
+    holds the copy plus one chunk of the source, not the whole source beside its copy."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        out = tensor.to(dtype)
+        pages.release(tensor)
+        return out
+    out = torch.empty(tensor.shape, dtype=dtype)
+    src, dst = tensor.view(-1), out.view(-1)
+    step = max(1, chunk_bytes // tensor.element_size())
+    for start in range(0, src.numel(), step):
+        dst[start : start + step].copy_(src[start : start + step])
+        pages.release(src[start : start + step])
+    return out
 
 
 def _adapt_keys(state: dict[str, torch.Tensor], expected: set[str], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:

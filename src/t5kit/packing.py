@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._files import MappedPages
 from .modeling import _blocked_linear, _dnn_linear, blocked_gemm_width, blocked_linear_lowered
 
 __all__ = [
@@ -104,9 +103,12 @@ class PackedLinear(nn.Module):
         self._consumed = False  # set when BlockedLinear.from_packed has released pieces of it
 
     @classmethod
-    def from_linear(cls, *layers: nn.Linear) -> "PackedLinear":
+    def from_linear(cls, *layers: nn.Linear, release: Callable[[torch.Tensor], None] | None = None) -> "PackedLinear":
         """Pack ``layers``' weights (CPU, float32 or bfloat16), stacked along the outputs when several
-        (layers reading the same input become one wider product; split its output to use them)."""
+        (layers reading the same input become one wider product; split its output to use them).
+        ``release``, if given, is called with each part of the source weight once it is packed (a
+        layer packed in pieces: each piece's rows), so :func:`replace_linears` can hand its pages in
+        a memory-mapped checkpoint back before the next piece is read."""
         weight, bias = stack_linears(layers)
         if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(
@@ -118,8 +120,11 @@ class PackedLinear(nn.Module):
         big = weight.dtype == torch.float32 and weight.numel() * 4 > PACK_PIECE_BYTES
         if big and BLOCK_DECODING_STEP and blocked_gemm_width() is not None:  # where it will be blocked
             step = max(_PIECE_ALIGN, PACK_PIECE_BYTES // (4 * k) // _PIECE_ALIGN * _PIECE_ALIGN)
-        # (out, in) in oneDNN's layout, whole or in pieces along the outputs
-        pieces = [torch.ops.mkldnn._reorder_linear_weight(weight[start : start + step], None) for start in range(0, n, step)]
+        pieces = []  # (out, in) in oneDNN's layout, whole or in pieces along the outputs
+        for start in range(0, n, step):
+            pieces.append(torch.ops.mkldnn._reorder_linear_weight(weight[start : start + step], None))
+            if release is not None:
+                release(weight[start : start + step])
         return cls(layers[0].in_features, n, pieces, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,54 +290,6 @@ def block_decoding_step(model: nn.Module) -> bool:
     return any(isinstance(m, BlockedLinear) for m in decoder.modules())
 
 
-class _FilePages:
-    """Hands the pages of converted weights back to the kernel while a model is converted.
-
-    from_pretrained leaves the weights in the checkpoint file's memory map. Reading a weight to
-    convert it makes its pages resident, and they would stay so until the whole file is unmapped,
-    so converting would briefly hold the checkpoint twice. After each conversion the old weight's
-    whole pages are advised MADV_PAGEOUT (Linux 5.4+): reclaim, not discard, so a page something
-    still uses is read back from the file on access. The embeddings that stay mapped are advised
-    MADV_RANDOM. Elsewhere this does nothing.
-    """
-
-    MADV_RANDOM, MADV_PAGEOUT = 1, 21
-
-    def __init__(self) -> None:
-        self.ranges: list[tuple[int, int]] = []
-        try:
-            maps = Path("/proc/self/maps").read_text()
-            self.libc = ctypes.CDLL(None, use_errno=True)
-            self.page = os.sysconf("SC_PAGE_SIZE")
-        except (OSError, AttributeError, ValueError):
-            return
-        for line in maps.splitlines():
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith("/"):  # a file-backed mapping
-                lo, hi = (int(a, 16) for a in fields[0].split("-"))
-                self.ranges.append((lo, hi))
-
-    def release(self, *tensors: torch.Tensor) -> None:
-        """Reclaim the pages of converted weights."""
-        for t in tensors:
-            self._advise(t, self.MADV_PAGEOUT)
-
-    def read_randomly(self, *tensors: torch.Tensor) -> None:
-        """Advise that only single rows will be read (an embedding table): a page fault then reads
-        in its own page, not the kernel's readahead window around it (on our benchmark's random
-        token ids, 51 of t5-small's 63 MB embedding became resident, 9 MB without readahead)."""
-        for t in tensors:
-            self._advise(t, self.MADV_RANDOM)
-
-    def _advise(self, t: torch.Tensor, advice: int) -> None:
-        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        if not any(a <= lo and hi <= b for a, b in self.ranges):
-            return
-        start, end = -(-lo // self.page) * self.page, hi // self.page * self.page  # whole pages inside
-        if end > start:
-            self.libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
-
-
 def keep_freed_memory(all_sizes: bool = False) -> bool:
     """Ask glibc to keep freed memory for reuse (process-wide): returns whether it applied.
 
@@ -398,24 +355,27 @@ def replace_linears(
     """Replace every ``nn.Linear`` of ``model`` in place by ``make(layer)``; mark it inference-only.
 
     Shared by :func:`prepack` and ``quantize_dynamic``. Projections that read the same input become
-    one layer, ``make(*layers)`` (see :func:`_conversion_groups`). Each layer is converted and
-    released before the next, and its pages in a memory-mapped checkpoint are handed back, so peak
-    memory grows by about one layer. The model's remaining parameters stop requiring gradients (so
-    a plain ``model(**inputs)`` runs without ``torch.no_grad()``) and ``model.inference_only``
-    names the conversion, which ``save_pretrained`` refuses. With ``keep_memory``,
-    :func:`keep_freed_memory` tunes the process's allocator for inference.
+    one layer, ``make(*layers, release=...)`` (see :func:`_conversion_groups`). Each layer is
+    converted and released before the next, and its pages in a memory-mapped checkpoint are handed
+    back: ``make`` calls ``release(part)`` on each part of the source weight once converted, so a
+    layer converted in parts (an int8 layer, a float32 layer packed in pieces) gives its pages back
+    part by part. Peak memory grows by about one converted layer plus one part of its source. The
+    model's remaining parameters stop requiring gradients (so a plain ``model(**inputs)`` runs
+    without ``torch.no_grad()``) and ``model.inference_only`` names the conversion, which
+    ``save_pretrained`` refuses. With ``keep_memory``, :func:`keep_freed_memory` tunes the process's
+    allocator for inference.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"only CPU models can be converted ({what}); call model.to('cpu') first")
     groups = _conversion_groups(model)
     if not groups:
         raise ValueError(f"the model has no linear layers left to convert (already {getattr(model, 'inference_only', 'converted')}?)")
-    pages = _FilePages()
+    pages = MappedPages()
     # Largest first: converting briefly holds a weight twice (the source and the converted copy),
     # so the output projection (an mT5 head is 512 MB) goes while little else has been converted.
     for owner, attr, names in sorted(groups, key=lambda g: -_group_size(g)):
         layers = [getattr(owner, name) for name in names]
-        converted = make(*layers)
+        converted = make(*layers, release=pages.release)  # a large layer's pages go back part by part
         for name in names:
             if name != attr:
                 delattr(owner, name)

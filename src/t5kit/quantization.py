@@ -25,7 +25,7 @@ import warnings
 import weakref
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,6 +44,12 @@ def _has_vnni() -> bool:
         return False
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
 
+
+# from_linear reads a float32 weight this many bytes of rows at a time (its abs() and quantized
+# copies are this size, not the layer's: an mT5 output projection is 512 MB), and hands each chunk's
+# checkpoint pages back before reading the next: quantizing then briefly holds the int8 weight twice
+# (values and fbgemm's packed copy) plus one chunk, not the float32 layer twice plus its int8 copies.
+QUANTIZE_CHUNK_BYTES: int = 16 << 20
 
 # fbgemm's packed weights by handle. The packed weight is a TorchScript object that torch.compile
 # cannot pass into a graph, so a compiled graph calls t5kit::int8_linear with the layer's handle (an
@@ -96,24 +102,39 @@ class DynamicInt8Linear(nn.Module):
         self._register()  # a copy (copy.deepcopy) gets a handle of its own, not the original's
 
     @classmethod
-    def from_linear(cls, *layers: nn.Linear) -> "DynamicInt8Linear":
+    def from_linear(
+        cls, *layers: nn.Linear, release: Callable[[torch.Tensor], None] | None = None
+    ) -> "DynamicInt8Linear":
         """Quantize ``layers``' weights symmetrically per output channel (scale = max |w| / 127),
         stacked along the outputs when several (one product for layers that read the same input:
         the per-channel scales, and the per-call activation scale of the shared input, are those
-        of the separate layers, so the results are the same)."""
+        of the separate layers, so the results are the same).
+
+        The weight is read :data:`QUANTIZE_CHUNK_BYTES` of float32 rows at a time, and ``release``,
+        if given, is called with each chunk of the source once quantized (see ``replace_linears``),
+        so a large layer in a memory-mapped checkpoint never has to be resident whole."""
         if "fbgemm" not in torch.backends.quantized.supported_engines:
             raise RuntimeError("int8 quantization needs PyTorch's fbgemm engine (x86 CPUs); this build lacks it")
         weight, bias = stack_linears(layers)
-        weight = weight.float().cpu()
-        scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
-        bias = None if bias is None else bias.float().cpu()
+        n, k = weight.shape
+        values = torch.empty(n, k, dtype=torch.int8)
+        scales = torch.empty(n, dtype=torch.float64)
+        zero_points = torch.zeros(n, dtype=torch.long)
+        rows = max(1, QUANTIZE_CHUNK_BYTES // (4 * k))
         with warnings.catch_warnings():
             # Quantized tensors are only the carrier fbgemm's prepack takes; nothing else sees them.
             warnings.simplefilter("ignore", UserWarning)
             try:
-                qweight = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
-                packed = torch.ops.quantized.linear_prepack(qweight, bias)
+                for start in range(0, n, rows):
+                    chunk = weight[start : start + rows].float().cpu()  # (rows, in)
+                    scale = (chunk.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+                    q = torch.quantize_per_channel(chunk, scale, zero_points[: len(chunk)], 0, torch.qint8)
+                    values[start : start + rows] = q.int_repr()
+                    scales[start : start + rows] = scale
+                    if release is not None:
+                        release(weight[start : start + rows])
+                qweight = torch._make_per_channel_quantized_tensor(values, scales, zero_points, 0)
+                packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.float().cpu())
             except (AttributeError, RuntimeError) as err:
                 raise RuntimeError(
                     f"this PyTorch ({torch.__version__}) cannot prepack int8 weights for fbgemm ({err}); "
