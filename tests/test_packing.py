@@ -276,6 +276,59 @@ def test_large_layer_is_packed_in_pieces_and_blocked_a_piece_at_a_time(bias, mon
     assert len(PackedLinear.from_linear(layer)._pieces) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_layer_packed_whole_is_assembled_from_pieces(dtype, monkeypatch):
+    """Where the step is not blocked, a layer over twice ASSEMBLE_PIECE_BYTES is packed 192 outputs
+    at a time into one packed tensor (here 192 + 192 + 16): byte for byte what packing it whole
+    gives, released part by part, and its products equal F.linear. Where this CPU's layout would
+    not assemble, the layer is packed whole."""
+    if not can_prepack(dtype):
+        pytest.skip(f"this CPU cannot run oneDNN's {dtype} products")
+    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", False)
+    monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 192 * 40 * dtype.itemsize)
+    torch.manual_seed(0)
+    layer = Linear(40, 400, bias=True).to(dtype)
+    if not packing._assembles(dtype, 40, 16):
+        pytest.skip("oneDNN's layout on this CPU does not assemble from pieces")
+    released: list[tuple[int, int]] = []
+    base = layer.weight.data_ptr()
+    record = lambda part: released.append(((part.data_ptr() - base) // (40 * dtype.itemsize), len(part)))  # noqa: E731
+    assembled = PackedLinear.from_linear(layer, release=record)
+    assert released == [(0, 192), (192, 192), (384, 16)]
+    whole = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
+    assert len(assembled._pieces) == 1
+    assert packing._packed_bytes(assembled._packed) == packing._packed_bytes(whole)
+    x = torch.randn(5, 3, 40).to(dtype)
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert_rel_close(assembled(x).float(), expected, rel=1e-5 if dtype == torch.float32 else 2e-2, what="assembled")
+    released.clear()
+    monkeypatch.setattr(packing, "_assembles", lambda *args: False)
+    fallback = PackedLinear.from_linear(layer, release=record)
+    assert released == [(0, 400)]  # packed whole, released whole
+    assert packing._packed_bytes(fallback._packed) == packing._packed_bytes(whole)
+
+
+def test_a_single_output_piece_is_not_assembled():
+    """oneDNN lays out a float32 layer of one output otherwise than a block of one: a last piece of
+    one output does not assemble (so such a layer is packed whole), one of 16 does."""
+    assert packing._assembles(torch.float32, 512, 16)
+    assert not packing._assembles(torch.float32, 512, 1)
+
+
+@needs_peak_memory
+def test_packing_whole_reads_the_checkpoint_a_piece_at_a_time(big_head_checkpoint):
+    """A 64 MB output projection packed whole from a memory-mapped checkpoint, assembled 8 MB at a
+    time: peak memory grows by the packed copy plus about one piece (83 MB measured), not by the
+    layer twice (130 MB when oneDNN packed it in one go)."""
+    setup = (
+        f"import t5kit\nmodel = t5kit.AutoModelForSeq2SeqLM.from_pretrained({str(big_head_checkpoint)!r})\n"
+        "t5kit.packing.BLOCK_DECODING_STEP = False\nt5kit.packing.ASSEMBLE_PIECE_BYTES = 8 << 20"
+    )
+    grow = peak_growth_mb(setup, "t5kit.prepack(model)\nassert len(model.lm_head._pieces) == 1")
+    assert grow < 96, grow
+
+
 @needs_blocked
 @needs_peak_memory
 def test_packing_in_pieces_reads_the_checkpoint_a_piece_at_a_time(big_head_checkpoint):

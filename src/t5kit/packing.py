@@ -62,6 +62,63 @@ PACK_PIECE_BYTES: int = 128 << 20
 _PIECE_ALIGN = 192  # outputs per piece: a multiple of every block width (24 on AVX2, 48 on AVX-512)
 
 
+# A layer larger than twice this that is packed whole (not blocked later: see BLOCK_DECODING_STEP) is
+# packed in pieces of about this size along the outputs, each copied into its place in the whole
+# packed tensor and its source pages handed back before the next (see replace_linears): oneDNN's
+# reorder of a whole layer holds the source and the packed copy together, which for an mT5/umT5
+# output projection read from a memory-mapped checkpoint is 512 MB more peak memory. oneDNN's
+# layout stores whole blocks of outputs one after another, so packed pieces of whole blocks laid
+# end to end are the whole layer's packed bytes; _assembles checks that here before it is relied on.
+ASSEMBLE_PIECE_BYTES: int = 16 << 20
+
+
+def _packed_bytes(packed: torch.Tensor) -> bytes:
+    """The bytes of a oneDNN tensor (its layout's storage, padding included)."""
+    return ctypes.string_at(torch.ops.mkldnn.data_ptr(packed), torch.ops.mkldnn._nbytes(packed))
+
+
+@lru_cache(maxsize=None)
+def _assembles(dtype: torch.dtype, in_features: int, last: int) -> bool:
+    """Whether, on this CPU, float ``dtype`` layers of ``in_features`` inputs packed in pieces of whole
+    _PIECE_ALIGN-output groups, the last of ``last`` outputs, give the whole layer's packed bytes laid
+    end to end. Checked on a small random layer (pieces 192, 192 and ``last`` outputs: oneDNN picks
+    another layout for a single output, so the last piece's size is part of the question); False
+    where this torch cannot say (no ``torch.ops.mkldnn.data_ptr``)."""
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    try:
+        weight = torch.randn(2 * _PIECE_ALIGN + last, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+        ends = [0, _PIECE_ALIGN, 2 * _PIECE_ALIGN, len(weight)]
+        parts = [_packed_bytes(reorder(weight[a:b], None)) for a, b in zip(ends, ends[1:])]
+        return _packed_bytes(reorder(weight, None)) == b"".join(parts)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pack_assembled(weight: torch.Tensor, rows: int, release: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """``weight`` (n, k) in oneDNN's layout, packed ``rows`` outputs at a time (a multiple of
+    _PIECE_ALIGN) into one tensor; ``release(part)`` after each part is packed. Only where
+    :func:`_assembles` holds for these pieces."""
+    mkldnn = torch.ops.mkldnn
+    # The whole layout from a source that is never written: its pages stay unmapped (reading them
+    # maps the kernel's zero page), so only the packed tensor's own pages become resident.
+    whole = mkldnn._reorder_linear_weight(torch.empty_like(weight), None)
+    dest, size, offset = mkldnn.data_ptr(whole), mkldnn._nbytes(whole), 0
+    for start in range(0, len(weight), rows):
+        part = weight[start : start + rows]
+        piece = mkldnn._reorder_linear_weight(part, None)
+        nbytes = mkldnn._nbytes(piece)
+        if offset + nbytes > size:
+            raise RuntimeError(f"packed pieces overrun the packed layer ({offset} + {nbytes} > {size} bytes)")
+        ctypes.memmove(dest + offset, mkldnn.data_ptr(piece), nbytes)
+        offset += nbytes
+        del piece
+        if release is not None:
+            release(part)
+    if offset != size:
+        raise RuntimeError(f"packed pieces fill {offset} of the packed layer's {size} bytes")
+    return whole
+
+
 # Where MKL computes float32 products of many rows faster than oneDNN does from a packed weight (CPUs
 # without AVX-512: see t5kit.modeling.ONEDNN_MAX_ROWS), a packed layer given at least this many rows
 # reads its weight back out of oneDNN's layout (``to_dense``: about 0.2 ms for 4 MB, freed after the
@@ -120,6 +177,10 @@ class PackedLinear(nn.Module):
         big = weight.dtype == torch.float32 and weight.numel() * 4 > PACK_PIECE_BYTES
         if big and BLOCK_DECODING_STEP and blocked_gemm_width() is not None:  # where it will be blocked
             step = max(_PIECE_ALIGN, PACK_PIECE_BYTES // (4 * k) // _PIECE_ALIGN * _PIECE_ALIGN)
+        elif weight.numel() * weight.element_size() > 2 * ASSEMBLE_PIECE_BYTES:
+            rows = max(_PIECE_ALIGN, ASSEMBLE_PIECE_BYTES // (weight.element_size() * k) // _PIECE_ALIGN * _PIECE_ALIGN)
+            if _assembles(weight.dtype, k, n % rows or rows):
+                return cls(layers[0].in_features, n, _pack_assembled(weight, rows, release), bias)
         pieces = []  # (out, in) in oneDNN's layout, whole or in pieces along the outputs
         for start in range(0, n, step):
             pieces.append(torch.ops.mkldnn._reorder_linear_weight(weight[start : start + step], None))
