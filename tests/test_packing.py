@@ -245,46 +245,59 @@ def test_compiled_blocked_product_prefetches_the_next_weight_tile(rows):
 
 @needs_blocked
 @pytest.mark.parametrize("bias", [False, True])
-def test_large_layer_is_packed_in_pieces_and_blocked_a_piece_at_a_time(bias, monkeypatch):
-    """Where the step is blocked, a layer over PACK_PIECE_BYTES is packed in pieces of whole
-    192-output groups (here 192 + 192 + 16): its products equal F.linear. Blocking it gives the
-    weight that blocking the whole layer gives, and releases each piece as it goes (the consumed
-    layer then refuses to run). Where the step is not blocked nothing is pieced."""
-    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
-    monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 192 * 40 * 4)
+def test_large_layer_is_blocked_a_piece_at_a_time(bias, monkeypatch):
+    """A layer over twice ASSEMBLE_PIECE_BYTES is blocked 192 outputs at a time (here 192 + 192 + 16),
+    carved out of its packed tensor: the same blocked weight as blocking it in one go, products equal
+    to F.linear, and the packed layer consumed (it refuses to run or be blocked again). A small layer
+    is blocked whole and stays usable."""
+    monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 192 * 40 * 4)
     torch.manual_seed(0)
     layer = Linear(40, 400, bias=bias)
-    pieced = PackedLinear.from_linear(layer)
-    assert [getattr(pieced, name).shape[0] for name in pieced._pieces] == [192, 192, 16]
-    assert "in 3 pieces" in repr(pieced) and not pieced.state_dict()
+    if not packing._assembles(torch.float32, 40, 16):
+        pytest.skip("oneDNN's layout on this CPU does not assemble from pieces")
     x = torch.randn(5, 3, 40)
-    with torch.no_grad():
-        assert_rel_close(pieced(x), torch.nn.functional.linear(x, layer.weight, layer.bias), what="pieced linear")
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias).detach()
     width = blocked_gemm_width()
-    blocked = BlockedLinear.from_packed(pieced, width)
-    monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 1 << 40)
-    whole = PackedLinear.from_linear(layer)
-    assert len(whole._pieces) == 1
-    assert torch.equal(blocked._packed, BlockedLinear.from_packed(whole, width)._packed)
-    assert all(getattr(pieced, name).numel() == 0 for name in pieced._pieces)  # released
+    packed = PackedLinear.from_linear(layer)
+    carved = BlockedLinear.from_packed(packed, width)
+    with torch.no_grad():
+        assert_rel_close(carved(x), expected, what="blocked from pieces")
+    assert packed._packed.numel() == 0 and "consumed" in repr(packed)  # released
     with pytest.raises(RuntimeError, match="released"), torch.no_grad():
-        pieced(x)
+        packed(x)
     with pytest.raises(ValueError, match="consumed"):
-        BlockedLinear.from_packed(pieced, width)
-    monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 192 * 40 * 4)
-    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", False)
-    assert len(PackedLinear.from_linear(layer)._pieces) == 1
+        BlockedLinear.from_packed(packed, width)
+    monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 1 << 40)
+    whole = PackedLinear.from_linear(layer)
+    assert torch.equal(carved._packed, BlockedLinear.from_packed(whole, width)._packed)
+    with torch.no_grad():
+        assert_rel_close(whole(x), expected, what="packed layer after blocking it whole")
+
+
+@needs_blocked
+@needs_peak_memory
+def test_blocking_a_large_layer_holds_about_one_piece_twice(big_head_checkpoint):
+    """Blocking a prepacked 64 MB output projection 4 MB at a time hands each piece's packed bytes
+    back as it goes: peak memory grows by a few pieces (24-28 MB measured), not by the blocked copy
+    of the whole layer (90 MB when it was blocked in one go)."""
+    setup = (
+        f"import t5kit\nmodel = t5kit.AutoModelForSeq2SeqLM.from_pretrained({str(big_head_checkpoint)!r})\n"
+        "t5kit.packing.ASSEMBLE_PIECE_BYTES = 4 << 20\nt5kit.prepack(model)\n"
+        "width = t5kit.modeling.blocked_gemm_width()  # imports inductor (about 190 MB), before the measurement"
+    )
+    operation = "head = t5kit.packing.BlockedLinear.from_packed(model.lm_head, width)\nassert model.lm_head._consumed"
+    grow = peak_growth_mb(setup, operation)
+    assert grow < 48, grow
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_layer_packed_whole_is_assembled_from_pieces(dtype, monkeypatch):
-    """Where the step is not blocked, a layer over twice ASSEMBLE_PIECE_BYTES is packed 192 outputs
-    at a time into one packed tensor (here 192 + 192 + 16): byte for byte what packing it whole
-    gives, released part by part, and its products equal F.linear. Where this CPU's layout would
-    not assemble, the layer is packed whole."""
+    """A layer over twice ASSEMBLE_PIECE_BYTES is packed 192 outputs at a time into one packed
+    tensor (here 192 + 192 + 16): byte for byte what packing it whole gives, released part by part,
+    and its products equal F.linear. Where this CPU's layout would not assemble, the layer is
+    packed whole."""
     if not can_prepack(dtype):
         pytest.skip(f"this CPU cannot run oneDNN's {dtype} products")
-    monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", False)
     monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 192 * 40 * dtype.itemsize)
     torch.manual_seed(0)
     layer = Linear(40, 400, bias=True).to(dtype)
@@ -296,7 +309,6 @@ def test_large_layer_packed_whole_is_assembled_from_pieces(dtype, monkeypatch):
     assembled = PackedLinear.from_linear(layer, release=record)
     assert released == [(0, 192), (192, 192), (384, 16)]
     whole = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
-    assert len(assembled._pieces) == 1
     assert packing._packed_bytes(assembled._packed) == packing._packed_bytes(whole)
     x = torch.randn(5, 3, 40).to(dtype)
     with torch.no_grad():
@@ -323,24 +335,9 @@ def test_packing_whole_reads_the_checkpoint_a_piece_at_a_time(big_head_checkpoin
     layer twice (130 MB when oneDNN packed it in one go)."""
     setup = (
         f"import t5kit\nmodel = t5kit.AutoModelForSeq2SeqLM.from_pretrained({str(big_head_checkpoint)!r})\n"
-        "t5kit.packing.BLOCK_DECODING_STEP = False\nt5kit.packing.ASSEMBLE_PIECE_BYTES = 8 << 20"
+        "t5kit.packing.ASSEMBLE_PIECE_BYTES = 8 << 20"
     )
-    grow = peak_growth_mb(setup, "t5kit.prepack(model)\nassert len(model.lm_head._pieces) == 1")
-    assert grow < 96, grow
-
-
-@needs_blocked
-@needs_peak_memory
-def test_packing_in_pieces_reads_the_checkpoint_a_piece_at_a_time(big_head_checkpoint):
-    """A 64 MB output projection packed in 8 MB pieces from a memory-mapped checkpoint: each piece's
-    pages go back once it is packed, so peak memory grows by the packed copy plus about one piece
-    (74 MB measured), not by the layer twice (130 MB before; still so for a layer packed whole)."""
-    setup = (
-        f"import t5kit\nmodel = t5kit.AutoModelForSeq2SeqLM.from_pretrained({str(big_head_checkpoint)!r})\n"
-        "t5kit.packing.BLOCK_DECODING_STEP = True\nt5kit.packing.PACK_PIECE_BYTES = 8 << 20\n"
-        "t5kit.modeling.blocked_gemm_width()  # imports inductor (about 190 MB), before the measurement"
-    )
-    grow = peak_growth_mb(setup, "t5kit.prepack(model)\nassert len(model.lm_head._pieces) == 9")
+    grow = peak_growth_mb(setup, "t5kit.prepack(model)\nassert type(model.lm_head) is t5kit.packing.PackedLinear")
     assert grow < 96, grow
 
 
@@ -351,13 +348,21 @@ def test_compiled_step_reads_blocked_weights_through_the_template(family, monkey
     BlockedLinear (not cross-attention's keys/values) and the graph runs inductor's template kernel
     for them (the custom op's body never runs): greedy and beam tokens equal the eager prepacked
     model's, at two batch sizes (3 rows, then 9 beams: the second compile makes the rows symbolic).
-    umT5's layers are packed in pieces of one block (see PACK_PIECE_BYTES), eager and blocked."""
+    umT5's layers are assembled and blocked 192 outputs at a time (see ASSEMBLE_PIECE_BYTES), its
+    output projection (450 outputs) in three pieces."""
     monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
+
+    def build():
+        if family == "T5":
+            return tiny_model(family, "gated_untied")
+        torch.manual_seed(0)
+        return t5kit.UMT5ForConditionalGeneration(t5kit.UMT5Config(**{**VARIANTS["gated_untied"], "vocab_size": 450}, dropout_rate=0.0)).eval()
+
     if family == "UMT5":
-        monkeypatch.setattr(packing, "PACK_PIECE_BYTES", 1)
-        monkeypatch.setattr(packing, "_PIECE_ALIGN", blocked_gemm_width())
-    model = t5kit.prepack(tiny_model(family, "gated_untied"))
-    eager_model = t5kit.prepack(tiny_model(family, "gated_untied"))
+        monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 1)
+        assert packing._assembles(torch.float32, 20, 450 % 192)
+    model = t5kit.prepack(build())
+    eager_model = t5kit.prepack(build())
     ids, mask, _ = make_batch(model.config.vocab_size)
     for beams in (1, 3):
         gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, num_beams=beams)
@@ -376,7 +381,7 @@ def test_compiled_step_reads_blocked_weights_through_the_template(family, monkey
     assert all(type(m) is not BlockedLinear for m in model.encoder.modules())
     assert not packing.block_decoding_step(tiny_model(family, "gated_untied"))  # only prepacked models
     if family == "UMT5":
-        assert len(eager_model.lm_head._pieces) == -(-model.config.vocab_size // blocked_gemm_width()) > 1
+        assert packing._piece_rows(eager_model.lm_head._packed) == 192
 
 
 @needs_bf16

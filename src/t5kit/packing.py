@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,24 +53,17 @@ def stack_linears(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Te
     ])
 
 
-# Where the decoding step is blocked (BLOCK_DECODING_STEP), float32 layers larger than this are
-# packed in pieces of at most this size along the outputs: block_decoding_step then re-stores them
-# one piece at a time, releasing each as it goes, so it briefly holds one piece twice rather than
-# the whole layer (an mT5/umT5 output projection is 512 MB: +512 MB of peak memory otherwise).
-# Eager products of such a layer are one product per piece, then one concatenation: umT5-small's
-# eager decoding measured 0-6% slower at batch 1 and 2-5% at 16 on an AMD Zen 3.
-PACK_PIECE_BYTES: int = 128 << 20
-_PIECE_ALIGN = 192  # outputs per piece: a multiple of every block width (24 on AVX2, 48 on AVX-512)
-
-
-# A layer larger than twice this that is packed whole (not blocked later: see BLOCK_DECODING_STEP) is
-# packed in pieces of about this size along the outputs, each copied into its place in the whole
-# packed tensor and its source pages handed back before the next (see replace_linears): oneDNN's
-# reorder of a whole layer holds the source and the packed copy together, which for an mT5/umT5
-# output projection read from a memory-mapped checkpoint is 512 MB more peak memory. oneDNN's
-# layout stores whole blocks of outputs one after another, so packed pieces of whole blocks laid
-# end to end are the whole layer's packed bytes; _assembles checks that here before it is relied on.
+# A layer larger than twice this is packed (and later blocked, see BlockedLinear.from_packed) in
+# pieces of about this size along the outputs, each copied into its place in the one packed tensor
+# and its source pages handed back before the next (see replace_linears). oneDNN's reorder of a
+# whole layer holds the source and the packed copy together, which for an mT5/umT5 output
+# projection read from a memory-mapped checkpoint is 512 MB more peak memory; keeping the pieces as
+# separate tensors instead costs eager products (paired on an AMD Zen 5, mT5's 512 -> 250112 in four
+# pieces: 1.05x the time at 1 row, 1.20x at 64). oneDNN's layout stores whole blocks of outputs one
+# after another, so packed pieces of whole blocks laid end to end are the whole layer's packed
+# bytes; _assembles checks that on this CPU before it is relied on.
 ASSEMBLE_PIECE_BYTES: int = 16 << 20
+_PIECE_ALIGN = 192  # outputs per piece: a multiple of every block width (oneDNN's 64; inductor's 24 or 48)
 
 
 def _packed_bytes(packed: torch.Tensor) -> bytes:
@@ -119,6 +113,52 @@ def _pack_assembled(weight: torch.Tensor, rows: int, release: Callable[[torch.Te
     return whole
 
 
+def _piece_rows(packed: torch.Tensor) -> int | None:
+    """Outputs per piece when ``packed`` (n, k) is assembled from or carved into pieces (see
+    :data:`ASSEMBLE_PIECE_BYTES`), or None where it goes whole: small, or its layout does not
+    assemble on this CPU."""
+    n, k = packed.shape
+    size = packed.element_size()
+    if n * k * size <= 2 * ASSEMBLE_PIECE_BYTES:
+        return None
+    rows = max(_PIECE_ALIGN, ASSEMBLE_PIECE_BYTES // (size * k) // _PIECE_ALIGN * _PIECE_ALIGN)
+    return rows if _assembles(packed.dtype, k, n % rows or rows) else None
+
+
+def _carve(packed: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:
+    """The pieces of ``rows`` outputs of the packed (n, k) ``packed``, each a packed tensor of its
+    own, copied out one at a time; once the caller has taken a piece (the next is asked for), its
+    bytes in ``packed`` are handed back to the kernel (MADV_DONTNEED: they read as zeros after), so
+    carving a layer holds about one piece twice, not the layer. ``packed`` is spent by then: the
+    caller must stop using it (see ``PackedLinear._consumed``). Only where :func:`_piece_rows` says."""
+    mkldnn = torch.ops.mkldnn
+    n, k = packed.shape
+    source, size, offset = mkldnn.data_ptr(packed), mkldnn._nbytes(packed), 0
+    for start in range(0, n, rows):
+        piece = mkldnn._reorder_linear_weight(torch.empty(min(rows, n - start), k, dtype=packed.dtype), None)
+        nbytes = mkldnn._nbytes(piece)
+        if offset + nbytes > size:
+            raise RuntimeError(f"carved pieces overrun the packed layer ({offset} + {nbytes} > {size} bytes)")
+        ctypes.memmove(mkldnn.data_ptr(piece), source + offset, nbytes)
+        yield piece
+        del piece
+        _discard_pages(source + offset, nbytes)
+        offset += nbytes
+    if offset != size:
+        raise RuntimeError(f"carved pieces cover {offset} of the packed layer's {size} bytes")
+
+
+def _discard_pages(address: int, nbytes: int) -> None:
+    """Hand the whole pages inside [address, address + nbytes) back to the kernel (MADV_DONTNEED: they
+    read as zeros after); the partial pages at either end, which may hold an allocator's bookkeeping,
+    stay. No-op without madvise."""
+    madvise = _libc("madvise")
+    page = mmap.PAGESIZE
+    first, last = -(-address // page) * page, (address + nbytes) // page * page
+    if madvise is not None and last > first:
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+
+
 # Where MKL computes float32 products of many rows faster than oneDNN does from a packed weight (CPUs
 # without AVX-512: see t5kit.modeling.ONEDNN_MAX_ROWS), a packed layer given at least this many rows
 # reads its weight back out of oneDNN's layout (``to_dense``: about 0.2 ms for 4 MB, freed after the
@@ -137,56 +177,42 @@ UNPACK_MAX_BYTES: int = 32 << 20
 class PackedLinear(nn.Module):
     """A CPU linear layer whose weight (float32 or bfloat16) is stored in oneDNN's blocked layout.
 
-    Build it with :meth:`from_linear`. Inputs of any leading shape and the weight's dtype. The
-    weight is one packed tensor, or for large layers several along the outputs (see
-    :data:`PACK_PIECE_BYTES`).
+    Build it with :meth:`from_linear`. Inputs of any leading shape and the weight's dtype.
     """
 
-    def __init__(
-        self, in_features: int, out_features: int, packed: torch.Tensor | list[torch.Tensor], bias: torch.Tensor | None
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         # Parameters (frozen) rather than plain tensor attributes: torch.compile checks plain tensor
         # attributes for aliasing on every call of a compiled step (~150 us a step for t5-small),
         # parameters not. They stay out of the state dict (_save_to_state_dict below).
-        pieces = [packed] if isinstance(packed, torch.Tensor) else packed
-        self._pieces = [f"_packed{i}" if i else "_packed" for i in range(len(pieces))]
-        for name, piece in zip(self._pieces, pieces):  # opaque oneDNN layout, (outs of the piece, in)
-            self.register_parameter(name, nn.Parameter(piece, requires_grad=False))
+        self._packed = nn.Parameter(packed, requires_grad=False)  # opaque oneDNN layout, (out, in)
         self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.dtype = pieces[0].dtype
-        self._consumed = False  # set when BlockedLinear.from_packed has released pieces of it
+        self.dtype = packed.dtype
+        self._consumed = False  # set when BlockedLinear.from_packed has carved it up (see _carve)
 
     @classmethod
     def from_linear(cls, *layers: nn.Linear, release: Callable[[torch.Tensor], None] | None = None) -> "PackedLinear":
         """Pack ``layers``' weights (CPU, float32 or bfloat16), stacked along the outputs when several
         (layers reading the same input become one wider product; split its output to use them).
         ``release``, if given, is called with each part of the source weight once it is packed (a
-        layer packed in pieces: each piece's rows), so :func:`replace_linears` can hand its pages in
-        a memory-mapped checkpoint back before the next piece is read."""
+        large layer is packed in parts, see :data:`ASSEMBLE_PIECE_BYTES`), so
+        :func:`replace_linears` can hand its pages in a memory-mapped checkpoint back before the
+        next part is read."""
         weight, bias = stack_linears(layers)
         if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(
                 f"prepack needs float32 or bfloat16 weights on the CPU, got {weight.dtype} on {weight.device}"
             )
         _check_onednn_dtype(weight.dtype)
-        n, k = weight.shape
-        step = n
-        big = weight.dtype == torch.float32 and weight.numel() * 4 > PACK_PIECE_BYTES
-        if big and BLOCK_DECODING_STEP and blocked_gemm_width() is not None:  # where it will be blocked
-            step = max(_PIECE_ALIGN, PACK_PIECE_BYTES // (4 * k) // _PIECE_ALIGN * _PIECE_ALIGN)
-        elif weight.numel() * weight.element_size() > 2 * ASSEMBLE_PIECE_BYTES:
-            rows = max(_PIECE_ALIGN, ASSEMBLE_PIECE_BYTES // (weight.element_size() * k) // _PIECE_ALIGN * _PIECE_ALIGN)
-            if _assembles(weight.dtype, k, n % rows or rows):
-                return cls(layers[0].in_features, n, _pack_assembled(weight, rows, release), bias)
-        pieces = []  # (out, in) in oneDNN's layout, whole or in pieces along the outputs
-        for start in range(0, n, step):
-            pieces.append(torch.ops.mkldnn._reorder_linear_weight(weight[start : start + step], None))
-            if release is not None:
-                release(weight[start : start + step])
-        return cls(layers[0].in_features, n, pieces, bias)
+        rows = _piece_rows(weight)
+        if rows is not None:
+            return cls(layers[0].in_features, len(weight), _pack_assembled(weight, rows, release), bias)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        if release is not None:
+            release(weight)
+        return cls(layers[0].in_features, len(weight), packed, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != self.dtype:
@@ -203,14 +229,11 @@ class PackedLinear(nn.Module):
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + bias`` from the stored weight (inputs already checked)."""
-        if len(self._pieces) == 1:
-            if self._unpack_for(x):
-                return F.linear(x, self._packed.to_dense(), self._bias)
-            return _dnn_linear(x, self._packed, self._bias)
         if self._consumed:
-            raise RuntimeError("this layer's pieces were released when it was re-stored as a BlockedLinear; use that layer")
-        out = torch.cat([_dnn_linear(x, getattr(self, name), None) for name in self._pieces], dim=-1)
-        return out if self._bias is None else out + self._bias
+            raise RuntimeError("this layer's weight was released when it was re-stored as a BlockedLinear; use that layer")
+        if self._unpack_for(x):
+            return F.linear(x, self._packed.to_dense(), self._bias)
+        return _dnn_linear(x, self._packed, self._bias)
 
     def _unpack_for(self, x: torch.Tensor) -> bool:
         """Whether the product of ``x`` goes through ``F.linear`` on the weight read back out of the
@@ -243,8 +266,8 @@ class PackedLinear(nn.Module):
         pass  # the packed layout is not a checkpoint format (save the model you loaded)
 
     def extra_repr(self) -> str:
-        pieces = f" in {len(self._pieces)} pieces" if len(self._pieces) > 1 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, prepacked{pieces}"
+        consumed = " (consumed)" if self._consumed else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, prepacked{consumed}"
 
 
 class BlockedLinear(PackedLinear):
@@ -263,33 +286,39 @@ class BlockedLinear(PackedLinear):
     def from_packed(cls, layer: PackedLinear, width: int) -> "BlockedLinear":
         """``layer``'s weight, read back out of oneDNN's layout and blocked ``width`` wide.
 
-        A layer packed in pieces is consumed: each piece is released once it is re-stored, so
-        memory grows by about one piece, not one layer (see :data:`PACK_PIECE_BYTES`)."""
+        A large layer (see :data:`ASSEMBLE_PIECE_BYTES`) is read a piece at a time, each piece's
+        bytes handed back once it is blocked, so memory grows by about one piece, not one layer; the
+        layer is consumed (it refuses to run after). A small one stays as it is."""
         if layer.dtype != torch.float32:
             raise ValueError(f"only float32 layers are blocked, got {layer.dtype}")
+        if layer._consumed:
+            raise ValueError(f"cannot block this layer {width} wide: it was consumed by an earlier blocking")
         n, k = layer.out_features, layer.in_features
+        rows = _piece_rows(layer._packed)
+        if rows is not None and rows % width:
+            raise ValueError(f"cannot block this layer {width} wide: pieces of {rows} outputs")
         blocked = torch.empty(-(-n // width), k, width)  # (blocks, in, width); pages fill as it is written
         eye = torch.eye(k)
-        sizes = [getattr(layer, name).shape[0] for name in layer._pieces]
-        if layer._consumed or any(size % width for size in sizes[:-1]):
-            raise ValueError(f"cannot block this layer {width} wide: pieces of {sizes} outputs{' (consumed)' if layer._consumed else ''}")
+        if rows is None:
+            pieces: Iterator[torch.Tensor] = iter([layer._packed])
+        else:
+            layer._consumed = True  # before its bytes go: from here on it refuses to run
+            pieces = _carve(layer._packed, rows)
         first = 0  # the first block of the current piece
-        for name in layer._pieces:
-            piece = getattr(layer, name)
+        for piece in pieces:
             blocks = -(-piece.shape[0] // width)
             # W.T's rows are the products of identity rows with the packed weight (exact in float32:
             # every sum is one weight plus zeros), taken a few MB at a time, so the conversion never
             # holds a whole piece twice (as reading it back with to_dense() would).
-            rows = max(1, (8 << 20) // (4 * blocks * width))
-            for start in range(0, k, rows):
-                chunk = _dnn_linear(eye[start : start + rows], piece, None)  # (rows, outs) = W.T[start : start + rows]
+            step = max(1, (8 << 20) // (4 * blocks * width))
+            for start in range(0, k, step):
+                chunk = _dnn_linear(eye[start : start + step], piece, None)  # (step, outs) = W.T[start : start + step]
                 chunk = _pad_columns(chunk, blocks * width)
-                blocked[first : first + blocks, start : start + rows] = chunk.view(-1, blocks, width).transpose(0, 1)
+                blocked[first : first + blocks, start : start + step] = chunk.view(-1, blocks, width).transpose(0, 1)
             first += blocks
-            if len(layer._pieces) > 1:  # release this piece now (a whole layer stays as it is)
-                layer._consumed = True
-                del piece
-                setattr(layer, name, nn.Parameter(torch.empty(0), requires_grad=False))
+            del piece
+        if layer._consumed:  # its storage, all but a page or two handed back, goes too
+            layer._packed = nn.Parameter(torch.empty(0), requires_grad=False)
         bias = None if layer._bias is None else layer._bias.detach().clone()
         return cls(k, n, blocked, bias)
 
@@ -419,12 +448,12 @@ def replace_linears(
     one layer, ``make(*layers, release=...)`` (see :func:`_conversion_groups`). Each layer is
     converted and released before the next, and its pages in a memory-mapped checkpoint are handed
     back: ``make`` calls ``release(part)`` on each part of the source weight once converted, so a
-    layer converted in parts (an int8 layer, a float32 layer packed in pieces) gives its pages back
-    part by part. Peak memory grows by about one converted layer plus one part of its source. The
-    model's remaining parameters stop requiring gradients (so a plain ``model(**inputs)`` runs
-    without ``torch.no_grad()``) and ``model.inference_only`` names the conversion, which
-    ``save_pretrained`` refuses. With ``keep_memory``, :func:`keep_freed_memory` tunes the process's
-    allocator for inference.
+    layer converted in parts (an int8 layer, a large packed layer: see :data:`ASSEMBLE_PIECE_BYTES`)
+    gives its pages back part by part. Peak memory grows by about one converted layer plus one part
+    of its source. The model's remaining parameters stop requiring gradients (so a plain
+    ``model(**inputs)`` runs without ``torch.no_grad()``) and ``model.inference_only`` names the
+    conversion, which ``save_pretrained`` refuses. With ``keep_memory``, :func:`keep_freed_memory`
+    tunes the process's allocator for inference.
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError(f"only CPU models can be converted ({what}); call model.to('cpu') first")
