@@ -9,13 +9,14 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MappedPages", "atomic_path", "atomic_write_text", "resolve_file", "iter_jsonl"]
+__all__ = ["MappedPages", "advise_pages", "atomic_path", "atomic_write_text", "resolve_file", "iter_jsonl"]
 
 
 @contextlib.contextmanager
@@ -174,9 +175,7 @@ class MappedPages:
         self.ranges: list[tuple[int, int]] = []
         try:
             maps = Path("/proc/self/maps").read_text()
-            self.libc = ctypes.CDLL(None, use_errno=True)
-            self.page = os.sysconf("SC_PAGE_SIZE")
-        except (OSError, AttributeError, ValueError):
+        except OSError:
             return
         for line in maps.splitlines():
             fields = line.split(maxsplit=5)
@@ -200,8 +199,27 @@ class MappedPages:
         if t.device.type != "cpu":
             return
         lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-        if not any(a <= lo and hi <= b for a, b in self.ranges):
-            return
-        start, end = -(-lo // self.page) * self.page, hi // self.page * self.page  # whole pages inside
-        if end > start:
-            self.libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+        if any(a <= lo and hi <= b for a, b in self.ranges):
+            advise_pages(lo, hi - lo, advice)
+
+
+MADV_DONTNEED = 4
+
+
+def advise_pages(address: int, nbytes: int, advice: int) -> None:
+    """``madvise`` the whole pages inside [address, address + nbytes); the partial pages at either
+    end, which may hold other data (an allocator's bookkeeping, a neighbouring tensor), are left
+    alone. No-op where the C library has no ``madvise`` (off Linux)."""
+    madvise, page = _madvise()
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if madvise is not None and end > start:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
+
+
+@lru_cache(maxsize=None)
+def _madvise() -> tuple[Any, int]:
+    """The C library's ``madvise`` (None where absent) and the page size."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise, os.sysconf("SC_PAGE_SIZE")
+    except (OSError, AttributeError, TypeError, ValueError):
+        return None, 4096

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import mmap
 from functools import lru_cache
 from typing import Any, Callable, Iterator
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._files import MappedPages
+from ._files import MADV_DONTNEED, MappedPages, advise_pages
 from .modeling import _blocked_linear, _dnn_linear, blocked_gemm_width, blocked_linear_lowered
 
 __all__ = [
@@ -142,21 +141,10 @@ def _carve(packed: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:
         ctypes.memmove(mkldnn.data_ptr(piece), source + offset, nbytes)
         yield piece
         del piece
-        _discard_pages(source + offset, nbytes)
+        advise_pages(source + offset, nbytes, MADV_DONTNEED)  # whole pages inside: the piece's bytes
         offset += nbytes
     if offset != size:
         raise RuntimeError(f"carved pieces cover {offset} of the packed layer's {size} bytes")
-
-
-def _discard_pages(address: int, nbytes: int) -> None:
-    """Hand the whole pages inside [address, address + nbytes) back to the kernel (MADV_DONTNEED: they
-    read as zeros after); the partial pages at either end, which may hold an allocator's bookkeeping,
-    stay. No-op without madvise."""
-    madvise = _libc("madvise")
-    page = mmap.PAGESIZE
-    first, last = -(-address // page) * page, (address + nbytes) // page * page
-    if madvise is not None and last > first:
-        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
 
 
 # Where MKL computes float32 products of many rows faster than oneDNN does from a packed weight (CPUs
