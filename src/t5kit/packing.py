@@ -87,6 +87,29 @@ def _assembles(dtype: torch.dtype, in_features: int, last: int) -> bool:
         return False
 
 
+def _tiles(
+    whole: torch.Tensor, rows: int, make: Callable[[slice], torch.Tensor]
+) -> Iterator[tuple[slice, torch.Tensor, int]]:
+    """For each piece of ``rows`` outputs of the packed (n, k) ``whole`` in turn: the outputs (a
+    slice), ``make(outputs)``, a packed tensor of them, and the address of its bytes inside
+    ``whole``. Raises RuntimeError unless the pieces' bytes tile ``whole``'s exactly (see
+    :func:`_assembles`). The one loop of assembling (:func:`_pack_assembled`) and carving
+    (:func:`_carve`), which copy the bytes in opposite directions."""
+    mkldnn = torch.ops.mkldnn
+    base, size, offset = mkldnn.data_ptr(whole), mkldnn._nbytes(whole), 0
+    for start in range(0, whole.shape[0], rows):
+        outputs = slice(start, min(start + rows, whole.shape[0]))
+        piece = make(outputs)
+        nbytes = mkldnn._nbytes(piece)
+        if offset + nbytes > size:
+            raise RuntimeError(f"packed pieces overrun the packed layer ({offset} + {nbytes} > {size} bytes)")
+        yield outputs, piece, base + offset
+        del piece  # the caller has dropped its own: gone before the next piece is made
+        offset += nbytes
+    if offset != size:
+        raise RuntimeError(f"packed pieces cover {offset} of the packed layer's {size} bytes")
+
+
 def _pack_assembled(weight: torch.Tensor, rows: int, release: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
     """``weight`` (n, k) in oneDNN's layout, packed ``rows`` outputs at a time (a multiple of
     _PIECE_ALIGN) into one tensor; ``release(part)`` after each part is packed. Only where
@@ -95,20 +118,12 @@ def _pack_assembled(weight: torch.Tensor, rows: int, release: Callable[[torch.Te
     # The whole layout from a source that is never written: its pages stay unmapped (reading them
     # maps the kernel's zero page), so only the packed tensor's own pages become resident.
     whole = mkldnn._reorder_linear_weight(torch.empty_like(weight), None)
-    dest, size, offset = mkldnn.data_ptr(whole), mkldnn._nbytes(whole), 0
-    for start in range(0, len(weight), rows):
-        part = weight[start : start + rows]
-        piece = mkldnn._reorder_linear_weight(part, None)
-        nbytes = mkldnn._nbytes(piece)
-        if offset + nbytes > size:
-            raise RuntimeError(f"packed pieces overrun the packed layer ({offset} + {nbytes} > {size} bytes)")
-        ctypes.memmove(dest + offset, mkldnn.data_ptr(piece), nbytes)
-        offset += nbytes
+    pack = lambda outputs: mkldnn._reorder_linear_weight(weight[outputs], None)  # noqa: E731
+    for outputs, piece, address in _tiles(whole, rows, pack):
+        ctypes.memmove(address, mkldnn.data_ptr(piece), mkldnn._nbytes(piece))
         del piece
         if release is not None:
-            release(part)
-    if offset != size:
-        raise RuntimeError(f"packed pieces fill {offset} of the packed layer's {size} bytes")
+            release(weight[outputs])
     return whole
 
 
@@ -131,20 +146,16 @@ def _carve(packed: torch.Tensor, rows: int) -> Iterator[torch.Tensor]:
     carving a layer holds about one piece twice, not the layer. ``packed`` is spent by then: the
     caller must stop using it (see ``PackedLinear._consumed``). Only where :func:`_piece_rows` says."""
     mkldnn = torch.ops.mkldnn
-    n, k = packed.shape
-    source, size, offset = mkldnn.data_ptr(packed), mkldnn._nbytes(packed), 0
-    for start in range(0, n, rows):
-        piece = mkldnn._reorder_linear_weight(torch.empty(min(rows, n - start), k, dtype=packed.dtype), None)
+    k = packed.shape[1]
+    empty = lambda outputs: mkldnn._reorder_linear_weight(  # noqa: E731 - the layout of these outputs, bytes to come
+        torch.empty(outputs.stop - outputs.start, k, dtype=packed.dtype), None
+    )
+    for _, piece, address in _tiles(packed, rows, empty):
         nbytes = mkldnn._nbytes(piece)
-        if offset + nbytes > size:
-            raise RuntimeError(f"carved pieces overrun the packed layer ({offset} + {nbytes} > {size} bytes)")
-        ctypes.memmove(mkldnn.data_ptr(piece), source + offset, nbytes)
+        ctypes.memmove(mkldnn.data_ptr(piece), address, nbytes)
         yield piece
         del piece
-        advise_pages(source + offset, nbytes, MADV_DONTNEED)  # whole pages inside: the piece's bytes
-        offset += nbytes
-    if offset != size:
-        raise RuntimeError(f"carved pieces cover {offset} of the packed layer's {size} bytes")
+        advise_pages(address, nbytes, MADV_DONTNEED)  # whole pages inside: the piece's bytes
 
 
 # Where MKL computes float32 products of many rows faster than oneDNN does from a packed weight (CPUs
