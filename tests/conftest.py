@@ -90,12 +90,13 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 
     assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel} x {scale:.3g}"
 
 
-def tiny_model(family: str = "T5", variant: str = "gated_untied", seed: int = 0):
-    """A seeded, dropout-free t5kit ForConditionalGeneration of a variant, in eval mode."""
+def tiny_model(family: str = "T5", variant: str = "gated_untied", seed: int = 0, **overrides):
+    """A seeded, dropout-free t5kit ForConditionalGeneration of a variant (config fields in
+    ``overrides`` replacing the variant's), in eval mode."""
     import t5kit
 
     torch.manual_seed(seed)
-    config = getattr(t5kit, f"{family}Config")(**VARIANTS[variant], dropout_rate=0.0)
+    config = getattr(t5kit, f"{family}Config")(**{**VARIANTS[variant], **overrides}, dropout_rate=0.0)
     return getattr(t5kit, f"{family}ForConditionalGeneration")(config).eval()
 
 

@@ -351,18 +351,13 @@ def test_compiled_step_reads_blocked_weights_through_the_template(family, monkey
     umT5's layers are assembled and blocked 192 outputs at a time (see ASSEMBLE_PIECE_BYTES), its
     output projection (450 outputs) in three pieces."""
     monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
-
-    def build():
-        if family == "T5":
-            return tiny_model(family, "gated_untied")
-        torch.manual_seed(0)
-        return t5kit.UMT5ForConditionalGeneration(t5kit.UMT5Config(**{**VARIANTS["gated_untied"], "vocab_size": 450}, dropout_rate=0.0)).eval()
-
+    overrides = {}
     if family == "UMT5":
         monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 1)
         assert packing._assembles(torch.float32, 20, 450 % 192)
-    model = t5kit.prepack(build())
-    eager_model = t5kit.prepack(build())
+        overrides = {"vocab_size": 450}
+    model = t5kit.prepack(tiny_model(family, "gated_untied", **overrides))
+    eager_model = t5kit.prepack(tiny_model(family, "gated_untied", **overrides))
     ids, mask, _ = make_batch(model.config.vocab_size)
     for beams in (1, 3):
         gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, num_beams=beams)
