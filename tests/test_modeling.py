@@ -224,6 +224,30 @@ def test_umt5_has_a_position_bias_per_layer_and_t5_only_in_layer_0() -> None:
     assert len(umt5_keys) == kw["num_layers"] + kw["num_decoder_layers"]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_biases_run_along_the_keys_with_unit_stride(family: str, monkeypatch) -> None:
+    """Every bias handed to scaled_dot_product_attention is contiguous along the keys. On a GPU its
+    fused kernels need that, and otherwise fall back to float32 maths: with the position bias a
+    view of the (T, K, H) lookup (heads innermost), t5-base's bf16 encoder on an H100 ran at
+    0.62-0.64x the reference's speed and its batch-1 greedy decoding at 0.86x."""
+    strides = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kw):
+        if attn_mask is not None:
+            strides.append(attn_mask.stride(-1))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = tiny_model(family, "gated_silu_untied")  # 4 heads: a view would have stride 4
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    layers = model.config.num_layers + 2 * model.config.num_decoder_layers  # self and cross in the decoder
+    assert len(strides) >= 2 * layers and set(strides) == {1}, strides
+
+
 def test_shift_right_matches_reference() -> None:
     labels = torch.tensor([[5, 6, -100, -100], [7, 8, 9, 1]])
     ours = t5kit.T5ForConditionalGeneration(t5kit.T5Config(**VARIANTS["relu_tied"]))

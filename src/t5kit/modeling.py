@@ -690,7 +690,11 @@ class T5Attention(nn.Module):
 
     def position_bias(self, buckets: torch.Tensor) -> torch.Tensor:
         """(T, K) or (B, T, K) bucket ids -> (1 or B, H, T, K) bias."""
-        bias = self.relative_attention_bias(buckets).movedim(-1, -3)
+        # Contiguous: as a view of the (T, K, H) lookup, heads would be the innermost dimension, and
+        # so would they be in every bias added to it; on a GPU, scaled_dot_product_attention then
+        # refuses its fused kernels (they need a unit stride along the keys) and runs its float32
+        # maths instead (t5-base's bf16 encoder on an H100: 0.62-0.64x the reference's speed).
+        bias = self.relative_attention_bias(buckets).movedim(-1, -3).contiguous()
         return bias if bias.dim() == 4 else bias.unsqueeze(0)
 
     def forward(
