@@ -9,15 +9,18 @@ transformers, in --dtype), measuring tokens/s (higher is better). Systems (--sys
   transformers-eager    the reference, attn_implementation="eager"
   transformers-sdpa     attn_implementation="sdpa"
   transformers-compile  SDPA, cache_implementation="static", model.forward compiled with
-                        torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs; the
-                        default mode on a CPU), as the reference's docs show
+                        torch.compile(fullgraph=True) (default mode: "reduce-overhead", which the
+                        reference's docs show, fails in its generate; see _load)
   t5kit                 t5kit's default generation
   t5kit-static          cache_implementation="static": t5kit's decoding step captured by torch.compile
+                        and, on a GPU, replayed as a CUDA graph
+  t5kit-static-nographs the compiled step without the CUDA graph (t5kit.generation.CUDA_GRAPHS = False);
+                        only when named
 
-Columns: the encoder over 128-token inputs at batch 1 and 16; greedy and 4-beam generation of 64 new
-tokens (eos disabled) from 64-token inputs, at batch 1 and 16 / 1 and 8; peak memory (the device's
-``max_memory_allocated``; on a CPU the process's peak resident memory). Medians of --rounds after a
-warm-up round (which compiles). Ratios are against transformers-eager measured in the same run. In
+Columns: the encoder over 128-token inputs at batch 1 and 16 (on a GPU, 20 calls a round); greedy
+and 4-beam generation of 64 new tokens (eos disabled) from 64-token inputs, at batch 1 and 16 / 1
+and 8; peak memory (the device's ``max_memory_allocated``; on a CPU the process's peak resident
+memory). Medians of --rounds after a warm-up round (which compiles). Ratios are against transformers-eager measured in the same run. In
 bf16 the systems' kernels differ, so greedy tokens can part where two logits nearly tie: the share
 of greedy b16 tokens equal to transformers-eager's is printed, not asserted.
 
@@ -42,10 +45,14 @@ from bench_generate import SHAPES, _median_time  # noqa: E402
 from bench_suite import _inputs, _peak_rss_mb, _share_equal  # noqa: E402
 
 SYSTEMS = ["transformers-eager", "transformers-sdpa", "transformers-compile", "t5kit", "t5kit-static"]
+EXTRA_SYSTEMS = ["t5kit-static-nographs"]  # only when named in --systems
 COLUMNS = ["enc b1x128", "enc b16x128", "greedy b1", "greedy b16", "beam4 b1", "beam4 b8"]
 GEN_CASES = (("greedy b1", 1, 1), ("greedy b16", 16, 1), ("beam4 b1", 1, 4), ("beam4 b8", 8, 4))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NEW_TOKENS = 64
+# Encoder calls per timed round on a GPU. One t5-base call at batch 16 takes about 8 ms, and single
+# calls timed on an H100 varied 2.5x between two runs of the same system (the GPU's clocks).
+ENCODER_CALLS = 20
 
 
 def _load(system: str, model_dir: str, dtype: torch.dtype, device: str) -> tuple[torch.nn.Module, dict]:
@@ -60,16 +67,19 @@ def _load(system: str, model_dir: str, dtype: torch.dtype, device: str) -> tuple
         model.generation_config.eos_token_id = None
         kw: dict = {}
         if system == "transformers-compile":
-            mode = "reduce-overhead" if device.startswith("cuda") else None
-            model.forward = torch.compile(model.forward, mode=mode, fullgraph=True)
+            # The reference's docs show mode="reduce-overhead" (CUDA graphs), but with transformers 5.23
+            # and torch 2.11 its T5 generate then fails ("accessing tensor output of CUDAGraphs that has
+            # been overwritten by a subsequent run", in the static cache's index_copy_): default mode.
+            model.forward = torch.compile(model.forward, fullgraph=True)
             kw["cache_implementation"] = "static"
         return model, kw
     import t5kit
 
     model = t5kit.AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=dtype, device=device).eval()
     kw = {"eos_token_id": None}
-    if system == "t5kit-static":
+    if system.startswith("t5kit-static"):
         kw["cache_implementation"] = "static"
+        t5kit.generation.CUDA_GRAPHS = system == "t5kit-static"
     return model, kw
 
 
@@ -92,8 +102,13 @@ def worker(system: str, model_dir: str, dtype: torch.dtype, device: str, rounds:
         encoder = model.get_encoder()
         for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
             ids, mask = (t.to(device) for t in _inputs(batch, 128, batch))
-            t, _ = _median_time(timed(lambda: encoder(input_ids=ids, attention_mask=mask)), rounds)
-            out[name] = batch * 128 / t
+
+            def encode():  # one call takes milliseconds on a GPU: a round times ENCODER_CALLS of them
+                for _ in range(ENCODER_CALLS if cuda else 1):
+                    encoder(input_ids=ids, attention_mask=mask)
+
+            t, _ = _median_time(timed(encode), rounds)
+            out[name] = (ENCODER_CALLS if cuda else 1) * batch * 128 / t
         tokens = {}
         for name, batch, beams in GEN_CASES:
             ids, mask = (t.to(device) for t in _inputs(batch, 64, batch))
@@ -125,9 +140,9 @@ def main() -> None:
         worker(args.worker, args.model_dir, dtype, args.device, args.rounds, args.out)
         return
     systems = [s.strip() for s in args.systems.split(",")]
-    unknown = sorted(set(systems) - set(SYSTEMS))
+    unknown = sorted(set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS))
     if unknown:
-        parser.error(f"unknown systems {unknown}; choose from {SYSTEMS}")
+        parser.error(f"unknown systems {unknown}; choose from {SYSTEMS + EXTRA_SYSTEMS}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here; pass --device cpu for a smoke test on the CPU")
     import transformers
@@ -152,6 +167,8 @@ def main() -> None:
                 print(f"  {system}: failed\n{run.stderr[-2000:]}")
                 continue
             results[system] = json.loads(out.read_text())
+            res = results[system]  # printed as it comes, so a run cut short keeps what it measured
+            print(f"  {system}: " + ", ".join(f"{c} {res[c]:.1f}" for c in [*COLUMNS, "peak MB"]), flush=True)
     columns = [*COLUMNS, "peak MB"]
     print(f"\n{'system':22s}" + "".join(f"{c:>13s}" for c in columns))
     for system, res in results.items():
