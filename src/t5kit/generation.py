@@ -1004,7 +1004,8 @@ class _StepGraph:
         self.feed = feed
         self.inputs = _step_inputs(hidden, mask, cache)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # On the model's GPU (torch.cuda.graph's default capture stream is the first device's).
+        with torch.cuda.device(feed.device), torch.cuda.graph(self.graph, stream=torch.cuda.Stream(feed.device)):
             self.logits = fn(model, feed, hidden, mask, cache)  # (N, vocab_size); nothing runs yet
 
     def fits(self, feed: torch.Tensor, hidden: torch.Tensor, mask: torch.Tensor | None,
