@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]"
     python benchmarks/bench_gpu.py [--shape t5-base] [--dtype bf16] [--rounds 3] [--systems ...] [--device cuda]
+                                   [--system-timeout SECONDS]
 
 Every system runs in its own subprocess on the same random checkpoint (written once by
 transformers, in --dtype), measuring tokens/s (higher is better). Systems (--systems, comma-separated):
@@ -131,6 +132,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--system-timeout", type=float, default=None,
+                        help="seconds one system may take (its compiles included); past it the system is "
+                             "reported as timed out and the run goes on with the next")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -162,7 +166,11 @@ def main() -> None:
             out = Path(work) / f"{system}.json"
             cmd = [sys.executable, __file__, "--worker", system, "--model-dir", work, "--dtype", args.dtype,
                    "--device", args.device, "--rounds", str(args.rounds), "--out", str(out)]
-            run = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.system_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"  {system}: timed out after {args.system_timeout:g} s", flush=True)
+                continue
             if run.returncode != 0:
                 print(f"  {system}: failed\n{run.stderr[-2000:]}")
                 continue
