@@ -925,8 +925,9 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
         # not from a generated Python function: about 1.3 ms a step less on t5-base (6%), 0.2 ms on
         # t5-small. A cold first compile of t5-base took 54 s against 35 s without it (cached on disk
         # afterwards, as every graph is); the tiny graphs of the test suite compile no slower.
-        # GPU: the step is replayed as a CUDA graph, so the wrapper's launch cost does not recur, and
-        # a C++ wrapper for CUDA compiles for minutes.
+        # GPU: the step is replayed as a CUDA graph, so the wrapper's launch savings do not apply, and
+        # its C++ for CUDA compiles slowly: a first t5-base step on an H100's host had not compiled
+        # after 90 s with it, against 14-25 s without.
         options = {} if cuda else {"cpp_wrapper": True, **_lower_dnn_linear()}
         _COMPILED_STEPS[cls, cuda] = torch.compile(cls.decode_step, fullgraph=True, options=options)
     compiled = _COMPILED_STEPS[cls, cuda]
