@@ -297,6 +297,25 @@ def test_half_precision_forward_is_close_to_float32(dtype) -> None:
     assert_rel_close(half.float(), ref, rel=5e-2)
 
 
+def test_bfloat16_norm_computes_in_float32_and_rounds_once() -> None:
+    """T5LayerNorm in bfloat16: statistics and product in float32, one rounding at the end, so every
+    output is within half a bfloat16 step of the exact value (the reference's formula rounds the
+    normalised input first and then its product with the weight, and misses that bound)."""
+    torch.manual_seed(0)
+    norm = t5kit.modeling.T5LayerNorm(64)
+    norm.weight.data = torch.rand(64) * 3 + 0.1
+    norm = norm.to(torch.bfloat16)
+    x = (torch.randn(256, 64) * 5).bfloat16()
+    exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+    half_step = 2.0 ** (torch.floor(torch.log2(exact.abs())) - 8)  # bfloat16 keeps 8 significant bits
+    with torch.no_grad():
+        ours = norm(x)
+        twice = norm.weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    assert ours.dtype == torch.bfloat16
+    assert ((ours.double() - exact).abs() <= half_step * 1.001).all()
+    assert ((twice.double() - exact).abs() > half_step * 1.001).any()  # the bound is not trivially met
+
+
 @pytest.mark.parametrize("rows", [1, 2, 7, 65, 600])
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_equals_f_linear(rows, bias, monkeypatch):

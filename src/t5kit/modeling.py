@@ -17,7 +17,8 @@ those of Hub checkpoints.
 Shapes: B batch, S encoder length, T decoder (query) length, K key length, H heads, D ``d_kv``.
 
 Precision policy: RMS-norm statistics and the softmax of explicit attention are computed in
-float32 whatever the weight dtype. bfloat16 needs nothing else. In float16 the residual stream
+float32 whatever the weight dtype; a bfloat16 norm rounds once, after the weight (the reference
+rounds before it too). bfloat16 needs nothing else. In float16 the residual stream
 of large T5 checkpoints can overflow; as in the original fp16 ports, each sub-layer's output is
 clamped to the finite float16 range (one helper, ``_clamp_fp16``). Prefer bfloat16.
 """
@@ -579,8 +580,11 @@ class T5LayerNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # One fused kernel instead of six ops (a decoding step runs 3 norms per layer).
+        if x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16):
+            # One fused op instead of six (a decoding step runs 3 norms per layer). In bfloat16 it
+            # still computes in float32 and rounds once, where the reference rounds the normalised
+            # input and then its product with the weight: t5-small bf16 eager greedy b1 on the CPU
+            # 1-6% faster; on a GPU, whose eager step is bound by launching its kernels, 5 fewer a norm.
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.variance_epsilon)
         variance = x.float().pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.variance_epsilon)
