@@ -103,13 +103,14 @@ def worker(system: str, model_dir: str, dtype: torch.dtype, device: str, rounds:
         encoder = model.get_encoder()
         for name, batch in (("enc b1x128", 1), ("enc b16x128", 16)):
             ids, mask = (t.to(device) for t in _inputs(batch, 128, batch))
+            calls = ENCODER_CALLS if cuda else 1  # one call takes milliseconds on a GPU
 
-            def encode():  # one call takes milliseconds on a GPU: a round times ENCODER_CALLS of them
-                for _ in range(ENCODER_CALLS if cuda else 1):
+            def encode():
+                for _ in range(calls):
                     encoder(input_ids=ids, attention_mask=mask)
 
             t, _ = _median_time(timed(encode), rounds)
-            out[name] = (ENCODER_CALLS if cuda else 1) * batch * 128 / t
+            out[name] = calls * batch * 128 / t
         tokens = {}
         for name, batch, beams in GEN_CASES:
             ids, mask = (t.to(device) for t in _inputs(batch, 64, batch))

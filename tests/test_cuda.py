@@ -26,12 +26,14 @@ def _exact_fp32_matmul():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _pair(family: str, variant: str, tmp_path, dtype: torch.dtype = torch.float32, **extra):
+def _pair(family: str, variant: str, tmp_path, dtype: torch.dtype = torch.float32,
+          head: str = "ForConditionalGeneration", **extra):
+    """The reference's random ``family``+``head`` model and t5kit's, loaded from its files, on the GPU in ``dtype``."""
     import t5kit
 
-    save_hf_model(family, "ForConditionalGeneration", variant, tmp_path, **extra)
-    ref = load_hf(family, "ForConditionalGeneration", tmp_path).to("cuda", dtype)
-    ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(tmp_path, dtype=dtype, device="cuda").eval()
+    save_hf_model(family, head, variant, tmp_path, **extra)
+    ref = load_hf(family, head, tmp_path).to("cuda", dtype)
+    ours = getattr(t5kit, f"{family}{head}").from_pretrained(tmp_path, dtype=dtype, device="cuda").eval()
     return ref, ours
 
 
@@ -109,11 +111,7 @@ def test_static_step_equals_eager_across_generations(dtype, tmp_path):
 
 
 def test_encoder_in_bf16_matches_the_reference(tmp_path):
-    import t5kit
-
-    save_hf_model("T5", "EncoderModel", "gated_untied", tmp_path)
-    ref = load_hf("T5", "EncoderModel", tmp_path).to("cuda", torch.bfloat16)
-    ours = t5kit.T5EncoderModel.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda").eval()
+    ref, ours = _pair("T5", "gated_untied", tmp_path, torch.bfloat16, head="EncoderModel")
     ids, mask, _ = (t.cuda() for t in make_batch(ref.config.vocab_size))
     with torch.no_grad():
         a = ours(input_ids=ids, attention_mask=mask).last_hidden_state.float()
