@@ -246,13 +246,14 @@ def test_compiled_blocked_product_prefetches_the_next_weight_tile(rows):
 @needs_blocked
 @pytest.mark.parametrize("bias", [False, True])
 def test_large_layer_is_blocked_a_piece_at_a_time(bias, monkeypatch):
-    """A layer over twice ASSEMBLE_PIECE_BYTES is blocked 192 outputs at a time (here 192 + 192 + 16),
+    """A layer over twice ASSEMBLE_PIECE_BYTES is blocked 384 outputs at a time (here 384 + 384 + 16),
     carved out of its packed tensor: the same blocked weight as blocking it in one go, products equal
     to F.linear, and the packed layer consumed (it refuses to run or be blocked again). A small layer
     is blocked whole and stays usable."""
-    monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 192 * 40 * 4)
+    piece = packing._PIECE_ALIGN
+    monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", piece * 40 * 4)
     torch.manual_seed(0)
-    layer = Linear(40, 400, bias=bias)
+    layer = Linear(40, 2 * piece + 16, bias=bias)
     if not packing._assembles(torch.float32, 40, 16):
         pytest.skip("oneDNN's layout on this CPU does not assemble from pieces")
     x = torch.randn(5, 3, 40)
@@ -292,22 +293,23 @@ def test_blocking_a_large_layer_holds_about_one_piece_twice(big_head_checkpoint)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_layer_packed_whole_is_assembled_from_pieces(dtype, monkeypatch):
-    """A layer over twice ASSEMBLE_PIECE_BYTES is packed 192 outputs at a time into one packed
-    tensor (here 192 + 192 + 16): byte for byte what packing it whole gives, released part by part,
+    """A layer over twice ASSEMBLE_PIECE_BYTES is packed 384 outputs at a time into one packed
+    tensor (here 384 + 384 + 16): byte for byte what packing it whole gives, released part by part,
     and its products equal F.linear. Where this CPU's layout would not assemble, the layer is
     packed whole."""
     if not can_prepack(dtype):
         pytest.skip(f"this CPU cannot run oneDNN's {dtype} products")
-    monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 192 * 40 * dtype.itemsize)
+    piece = packing._PIECE_ALIGN
+    monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", piece * 40 * dtype.itemsize)
     torch.manual_seed(0)
-    layer = Linear(40, 400, bias=True).to(dtype)
+    layer = Linear(40, 2 * piece + 16, bias=True).to(dtype)
     if not packing._assembles(dtype, 40, 16):
         pytest.skip("oneDNN's layout on this CPU does not assemble from pieces")
     released: list[tuple[int, int]] = []
     base = layer.weight.data_ptr()
     record = lambda part: released.append(((part.data_ptr() - base) // (40 * dtype.itemsize), len(part)))  # noqa: E731
     assembled = PackedLinear.from_linear(layer, release=record)
-    assert released == [(0, 192), (192, 192), (384, 16)]
+    assert released == [(0, piece), (piece, piece), (2 * piece, 16)]
     whole = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
     assert packing._packed_bytes(assembled._packed) == packing._packed_bytes(whole)
     x = torch.randn(5, 3, 40).to(dtype)
@@ -317,13 +319,14 @@ def test_large_layer_packed_whole_is_assembled_from_pieces(dtype, monkeypatch):
     released.clear()
     monkeypatch.setattr(packing, "_assembles", lambda *args: False)
     fallback = PackedLinear.from_linear(layer, release=record)
-    assert released == [(0, 400)]  # packed whole, released whole
+    assert released == [(0, 2 * piece + 16)]  # packed whole, released whole
     assert packing._packed_bytes(fallback._packed) == packing._packed_bytes(whole)
 
 
 def test_a_single_output_piece_is_not_assembled():
     """oneDNN lays out a float32 layer of one output otherwise than a block of one: a last piece of
-    one output does not assemble (so such a layer is packed whole), one of 16 does."""
+    one output does not assemble (so such a layer is packed whole), one of 16 does (behind whole
+    pieces of _PIECE_ALIGN outputs, on every CPU seen: on AVX2 pieces of 192 never assembled)."""
     assert packing._assembles(torch.float32, 512, 16)
     assert not packing._assembles(torch.float32, 512, 1)
 
@@ -348,14 +351,14 @@ def test_compiled_step_reads_blocked_weights_through_the_template(family, monkey
     BlockedLinear (not cross-attention's keys/values) and the graph runs inductor's template kernel
     for them (the custom op's body never runs): greedy and beam tokens equal the eager prepacked
     model's, at two batch sizes (3 rows, then 9 beams: the second compile makes the rows symbolic).
-    umT5's layers are assembled and blocked 192 outputs at a time (see ASSEMBLE_PIECE_BYTES), its
-    output projection (450 outputs) in three pieces."""
+    umT5's layers are assembled and blocked 384 outputs at a time (see ASSEMBLE_PIECE_BYTES), its
+    output projection (834 outputs) in three pieces."""
     monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
     overrides = {}
     if family == "UMT5":
         monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 1)
-        assert packing._assembles(torch.float32, 20, 450 % 192)
-        overrides = {"vocab_size": 450}
+        assert packing._assembles(torch.float32, 20, 834 % packing._PIECE_ALIGN)
+        overrides = {"vocab_size": 834}
     model = t5kit.prepack(tiny_model(family, "gated_untied", **overrides))
     eager_model = t5kit.prepack(tiny_model(family, "gated_untied", **overrides))
     ids, mask, _ = make_batch(model.config.vocab_size)
@@ -376,7 +379,7 @@ def test_compiled_step_reads_blocked_weights_through_the_template(family, monkey
     assert all(type(m) is not BlockedLinear for m in model.encoder.modules())
     assert not packing.block_decoding_step(tiny_model(family, "gated_untied"))  # only prepacked models
     if family == "UMT5":
-        assert packing._piece_rows(eager_model.lm_head._packed) == 192
+        assert packing._piece_rows(eager_model.lm_head._packed) == packing._PIECE_ALIGN
 
 
 @needs_bf16

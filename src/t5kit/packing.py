@@ -57,12 +57,15 @@ def stack_linears(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Te
 # and its source pages handed back before the next (see replace_linears). oneDNN's reorder of a
 # whole layer holds the source and the packed copy together, which for an mT5/umT5 output
 # projection read from a memory-mapped checkpoint is 512 MB more peak memory; keeping the pieces as
-# separate tensors instead costs eager products (paired on an AMD Zen 5, mT5's 512 -> 250112 in four
+# separate tensors instead costs eager products (paired on an AMD Zen 4, mT5's 512 -> 250112 in four
 # pieces: 1.05x the time at 1 row, 1.20x at 64). oneDNN's layout stores whole blocks of outputs one
 # after another, so packed pieces of whole blocks laid end to end are the whole layer's packed
 # bytes; _assembles checks that on this CPU before it is relied on.
 ASSEMBLE_PIECE_BYTES: int = 16 << 20
-_PIECE_ALIGN = 192  # outputs per piece: a multiple of every block width (oneDNN's 64; inductor's 24 or 48)
+# Outputs per piece: a multiple of every block width (oneDNN's 64; inductor's 24 or 48), and not
+# 192, which oneDNN (AVX2, 2-core AMD Zen 3) packs in blocks of 16 where every other multiple of 64
+# gets blocks of 64 (as do 144-176), so pieces of 192 never assembled there.
+_PIECE_ALIGN = 384
 
 
 def _packed_bytes(packed: torch.Tensor) -> bytes:
@@ -74,8 +77,9 @@ def _packed_bytes(packed: torch.Tensor) -> bytes:
 def _assembles(dtype: torch.dtype, in_features: int, last: int) -> bool:
     """Whether, on this CPU, float ``dtype`` layers of ``in_features`` inputs packed in pieces of whole
     _PIECE_ALIGN-output groups, the last of ``last`` outputs, give the whole layer's packed bytes laid
-    end to end. Checked on a small random layer (pieces 192, 192 and ``last`` outputs: oneDNN picks
-    another layout for a single output, so the last piece's size is part of the question); False
+    end to end. Checked on a small random layer (pieces of _PIECE_ALIGN, _PIECE_ALIGN and ``last`` outputs:
+    oneDNN picks another layout for a single output, and on AVX2 for 144-192, so the last piece's
+    size is part of the question); False
     where this torch cannot say (no ``torch.ops.mkldnn.data_ptr``)."""
     reorder = torch.ops.mkldnn._reorder_linear_weight
     try:
@@ -341,7 +345,7 @@ def _pad_columns(x: torch.Tensor, columns: int) -> torch.Tensor:
 # The blocked layers' eager products are slower, so it is a trade between the static step and any
 # eager decoding the same model does later. On by default on CPUs without AVX-512 (AMD Zen 3: the
 # step's products about 1.3x faster at one row, 1.1x at 16; eager products as fast at a few rows,
-# 25-50% slower at 16+). Off by default on AVX-512 CPUs (AMD Zen 5, paired static generations 1.02-1.19x
+# 25-50% slower at 16+). Off by default on AVX-512 CPUs (AMD Zen 4, paired static generations 1.02-1.19x
 # faster, but eager generations afterwards 0.62-0.69x as fast). `t5kit run/batch
 # --cache-implementation static`, whose model only ever decodes static, sets it everywhere.
 BLOCK_DECODING_STEP: bool = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
