@@ -12,9 +12,11 @@ returned sequences per second, median of the rounds) and the ratio t5kit / trans
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,39 @@ SHAPES = {
                        feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
 CASES = (("greedy", 1, 1), ("greedy", 16, 1), ("beam4", 1, 4), ("beam4", 8, 4))
+
+
+def reference_model(shape_name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random transformers model of ``SHAPES[shape_name]`` (seeded), untied where the shape is.
+
+    transformers 5.23 forces ``tie_word_embeddings=True`` in all three T5 configs, so a model it
+    builds has one matrix for the embedding and the output head. Released mT5 and umT5 checkpoints
+    have an ``lm_head`` of their own (for mT5-small 128 M more parameters, 489 MiB in float32), so
+    for the untied shapes the head gets its own random weights here, initialized as transformers
+    initializes an untied head (normal, std ``initializer_factor``)."""
+    import transformers
+
+    shape = dict(SHAPES[shape_name])
+    family = shape.pop("family")
+    torch.manual_seed(seed)
+    config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
+    model = getattr(transformers, f"{family}ForConditionalGeneration")(config)
+    if not shape["tie_word_embeddings"]:
+        head = torch.empty_like(model.lm_head.weight).normal_(0.0, config.initializer_factor)
+        model.lm_head.weight = torch.nn.Parameter(head)
+    return model.to(dtype)
+
+
+def save_reference_checkpoint(shape_name: str, directory: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """Save :func:`reference_model` to ``directory`` as the Hub's checkpoints are laid out: for the
+    untied shapes, ``shared.weight`` and ``lm_head.weight`` both, and ``tie_word_embeddings: false``
+    in config.json (transformers writes true; it loads the two apart either way, since they differ)."""
+    reference_model(shape_name, dtype).save_pretrained(directory)
+    if not SHAPES[shape_name]["tie_word_embeddings"]:
+        path = Path(directory) / "config.json"
+        config = json.loads(path.read_text())
+        config["tie_word_embeddings"] = False
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _median_time(fn, rounds: int) -> tuple[float, object]:
@@ -58,13 +93,10 @@ def main() -> None:
     import t5kit
 
     transformers.logging.set_verbosity_error()
-    shape = dict(SHAPES[args.shape])
-    family = shape.pop("family")
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
-    ref = getattr(transformers, f"{family}ForConditionalGeneration")(config).eval()
+    family = SHAPES[args.shape]["family"]
     with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
+        save_reference_checkpoint(args.shape, d)
+        ref = getattr(transformers, f"{family}ForConditionalGeneration").from_pretrained(d).eval()
         ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d)
     ref.generation_config.eos_token_id = None  # decode a fixed number of tokens
     n_new = args.new_tokens

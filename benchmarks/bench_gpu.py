@@ -42,7 +42,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_generate import SHAPES, _median_time  # noqa: E402
+from bench_generate import SHAPES, _median_time, save_reference_checkpoint  # noqa: E402
 from bench_suite import _inputs, _peak_rss_mb, _share_equal  # noqa: E402
 
 SYSTEMS = ["transformers-eager", "transformers-sdpa", "transformers-compile", "t5kit", "t5kit-static"]
@@ -153,15 +153,11 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    shape = dict(SHAPES[args.shape])
-    family = shape.pop("family")
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"{args.shape} shape, random weights, {args.dtype}; {device_name}; torch {torch.__version__}, "
           f"transformers {transformers.__version__}; tokens/s, median of {args.rounds} after a warm-up round")
     with tempfile.TemporaryDirectory(prefix="t5kit-bench-gpu-") as work:
-        torch.manual_seed(0)
-        config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
-        getattr(transformers, f"{family}ForConditionalGeneration")(config).to(dtype).save_pretrained(work)
+        save_reference_checkpoint(args.shape, work, dtype)
         results: dict[str, dict] = {}
         for system in systems:
             out = Path(work) / f"{system}.json"

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from bench_generate import SHAPES
+from bench_generate import SHAPES, save_reference_checkpoint
 
 
 def train_batch(batch: int, src: int, tgt: int) -> dict[str, torch.Tensor]:
@@ -68,14 +68,11 @@ def main() -> None:
     import t5kit
 
     transformers.logging.set_verbosity_error()
-    shape = dict(SHAPES[args.shape])
-    family = shape.pop("family")
-    torch.manual_seed(0)
-    config = getattr(transformers, f"{family}Config")(**shape, dropout_rate=0.0, decoder_start_token_id=0)
-    ref = getattr(transformers, f"{family}ForConditionalGeneration")(config)
-    ref_compiled = copy.deepcopy(ref) if args.compile else None  # the same start: training changes the weights
+    family = SHAPES[args.shape]["family"]
     with tempfile.TemporaryDirectory() as d:
-        ref.save_pretrained(d)
+        save_reference_checkpoint(args.shape, d)
+        ref = getattr(transformers, f"{family}ForConditionalGeneration").from_pretrained(d)
+        ref_compiled = copy.deepcopy(ref) if args.compile else None  # the same start: training changes the weights
         ours = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d)
         ours_compiled = getattr(t5kit, f"{family}ForConditionalGeneration").from_pretrained(d) if args.compile else None
     batch = train_batch(args.batch, args.src, args.tgt)
