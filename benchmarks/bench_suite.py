@@ -36,7 +36,9 @@ speed drifts by 20-30% within minutes (other tenants share its memory bandwidth)
 of one run are rough: --repeats N runs every system N times, alternating their order, and reports
 each cell's median and each ratio's median over the repeats (training: the first repeat). For the fast
 modes, quality against t5kit fp32 is printed too: the largest logit error relative to the largest
-logit, and the share of greedy b16 tokens equal to fp32's.
+logit, teacher-forced on the same fixed decoder tokens in every system (so that it measures each
+system's arithmetic, not where its own greedy tokens went), and the share of greedy b16 tokens
+equal to fp32's.
 """
 
 from __future__ import annotations
@@ -181,8 +183,12 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
         if "greedy b16" in out["tokens"]:
             # Logits on a fixed teacher-forced batch, for the quality report: a file, not JSON (an mT5
             # batch holds 65M logits, gigabytes as Python floats in every process that reads them).
+            # Fixed decoder tokens, the same in every system: teacher-forced on each system's own
+            # greedy tokens, the logits of two systems part where their tokens part (a random untied
+            # mT5 head parts after a few tokens) and the error measures that, not the arithmetic.
             ids, mask = _inputs(4, 64, 99)
-            dec = torch.tensor(out["tokens"]["greedy b16"][:4])
+            dec, _ = _inputs(4, 1 + NEW_TOKENS, 98)
+            dec[:, 0] = model.config.decoder_start_token_id
             torch.save(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float(), logits_file)
             out["logits"] = logits_file
     if system in ("transformers", "transformers-compile") and "train" in COLUMNS:
