@@ -63,8 +63,8 @@ def stack_linears(layers: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, torch.Te
 # bytes; _assembles checks that on this CPU before it is relied on.
 ASSEMBLE_PIECE_BYTES: int = 16 << 20
 # Outputs per piece: a multiple of every block width (oneDNN's 64; inductor's 24 or 48), and not
-# 192, which oneDNN (AVX2, 2-core AMD Zen 3) packs in blocks of 16 where every other multiple of 64
-# gets blocks of 64 (as do 144-176), so pieces of 192 never assembled there.
+# 192: on AVX2 (a 2-core AMD Zen 3) oneDNN packs a layer of 129-192 outputs in blocks of 16 where
+# every other size tried (16 to 32128) gets blocks of 64, so pieces of 192 never assembled there.
 _PIECE_ALIGN = 384
 
 
@@ -77,10 +77,10 @@ def _packed_bytes(packed: torch.Tensor) -> bytes:
 def _assembles(dtype: torch.dtype, in_features: int, last: int) -> bool:
     """Whether, on this CPU, float ``dtype`` layers of ``in_features`` inputs packed in pieces of whole
     _PIECE_ALIGN-output groups, the last of ``last`` outputs, give the whole layer's packed bytes laid
-    end to end. Checked on a small random layer (pieces of _PIECE_ALIGN, _PIECE_ALIGN and ``last`` outputs:
-    oneDNN picks another layout for a single output, and on AVX2 for 144-192, so the last piece's
-    size is part of the question); False
-    where this torch cannot say (no ``torch.ops.mkldnn.data_ptr``)."""
+    end to end. Checked on a small random layer (pieces of _PIECE_ALIGN, _PIECE_ALIGN and ``last``
+    outputs: oneDNN picks another layout for a single output, and on AVX2 for 129-192, so the last
+    piece's size is part of the question); False where this torch cannot say (no
+    ``torch.ops.mkldnn.data_ptr``)."""
     reorder = torch.ops.mkldnn._reorder_linear_weight
     try:
         weight = torch.randn(2 * _PIECE_ALIGN + last, in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
