@@ -35,7 +35,7 @@ SHAPES = {
 CASES = (("greedy", 1, 1), ("greedy", 16, 1), ("beam4", 1, 4), ("beam4", 8, 4))
 
 
-def reference_model(shape_name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def reference_model(shape_name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
     """A random transformers model of ``SHAPES[shape_name]`` (seeded), untied where the shape is.
 
     transformers 5.23 forces ``tie_word_embeddings=True`` in all three T5 configs, so a model it
