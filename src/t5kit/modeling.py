@@ -930,6 +930,11 @@ class T5Stack(nn.Module):
         """Run the stack. ``segment_ids`` (B, T) describe packed rows (1, 2, ... per example, 0 on
         padding): attention stays inside an example and relative positions restart with it; a
         decoder also needs ``encoder_segment_ids`` (B, S) for cross-attention."""
+        if inputs_embeds is None and torch.compiler.is_compiling() and isinstance(self.embed_tokens, nn.Embedding):
+            # The ids were checked by the graph's own assert (_check_ids), but inductor may run the
+            # lookup first, whose bounds check would then fail with a message naming no tensor; in
+            # range here, the lookup cannot fail and the assert reports a bad id.
+            input_ids = input_ids.clamp(0, self.embed_tokens.num_embeddings - 1)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d_model)
         b, t, _ = x.shape
         static = cache is not None and cache.static
@@ -1272,7 +1277,11 @@ class T5ForConditionalGeneration(GenerationMixin, _EncoderDecoderBase):
             return None
         if labels.shape != logits.shape[:2]:
             raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits cover {tuple(logits.shape[:2])}")
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.to(logits.device).flatten(), ignore_index=-100)
+        labels = labels.to(logits.device)
+        if torch.compiler.is_compiling():
+            # As for the embedding lookup (T5Stack.forward): the graph's assert reports a bad label.
+            labels = torch.where(labels == -100, labels, labels.clamp(0, logits.shape[-1] - 1))
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Decoder output (..., d_model) -> logits (..., vocab_size), rescaled when the head is tied."""
