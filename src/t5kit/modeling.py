@@ -188,16 +188,21 @@ ONEDNN_DTYPES: frozenset[torch.dtype] = _onednn_dtypes()
 ONEDNN_LINEAR: bool = bool(ONEDNN_DTYPES)
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), or "" where
-    it cannot be read (another OS)."""
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> str:
+    """The text of /proc/cpuinfo, or "" where it cannot be read (another OS)."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+            return f.read()
     except OSError:
-        pass
+        return ""
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD", ...), or "" where it cannot be read."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("vendor_id"):
+            return line.split(":", 1)[1].strip()
     return ""
 
 

@@ -24,12 +24,12 @@ import itertools
 import warnings
 import weakref
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .modeling import _cpuinfo
 from .packing import refuse_training, replace_linears, stack_linears
 
 __all__ = ["DynamicInt8Linear", "quantize_dynamic"]
@@ -38,10 +38,7 @@ __all__ = ["DynamicInt8Linear", "quantize_dynamic"]
 @lru_cache(maxsize=1)
 def _has_vnni() -> bool:
     """Whether the CPU has 8-bit dot-product instructions (then activations use all 8 bits)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpuinfo()
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
 
 
