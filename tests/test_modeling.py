@@ -466,3 +466,40 @@ def test_compiled_forward_is_one_graph_and_names_bad_ids():
     dec[0, -1] = -100  # ignored positions pass
     torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask, labels=dec).loss,
                                model(input_ids=ids, attention_mask=mask, labels=dec).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_lm_loss_gradient_has_no_subnormals_and_otherwise_equals_the_reference(tmp_path) -> None:
+    # A confident head (as a trained one, or random mT5 weights, is over 250k words) puts the
+    # cross-entropy gradient's small entries in float32's subnormal range, which makes the head's
+    # backward products many times slower on Intel CPUs. The reference passes them on; we flush them.
+    save_hf_model("MT5", "ForConditionalGeneration", "gated_untied", tmp_path)
+    ref = load_hf("MT5", "ForConditionalGeneration", tmp_path).train()
+    ours = t5kit.MT5ForConditionalGeneration.from_pretrained(tmp_path).train()
+    for model in (ref, ours):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        with torch.no_grad():
+            model.lm_head.weight.mul_(40.0)
+    ids, mask, dec = make_batch(ours.config.vocab_size)
+    labels = dec.clone()
+    labels[0, 4:] = -100
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = lambda g: int(((g != 0) & (g.abs() < tiny)).sum())  # noqa: E731
+
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    (g_ref,) = torch.autograd.grad(out_ref.loss, out_ref.logits, retain_graph=True)
+    assert subnormal(g_ref) > 0  # the case this test is about
+
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    assert_rel_close(out.loss, out_ref.loss, what="loss")
+    (g,) = torch.autograd.grad(out.loss, out.logits, retain_graph=True)
+    assert subnormal(g) == 0
+    assert_rel_close(g, torch.where(g_ref.abs() < tiny, 0.0, g_ref), what="logits' gradient")
+    # The sum the Trainer uses, and the parameter gradients through the flushed head.
+    (g_sum,) = torch.autograd.grad(t5kit.modeling.lm_cross_entropy(out.logits, labels, "sum"), out.logits)
+    assert subnormal(g_sum) == 0
+    out.loss.backward()
+    out_ref.loss.backward()
+    for name in ("lm_head.weight", "shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"):
+        assert_rel_close(ours.get_parameter(name).grad, ref.get_parameter(name).grad, what=name)

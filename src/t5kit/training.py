@@ -39,10 +39,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ._files import iter_jsonl
 from .data import DataCollatorForSeq2Seq
+from .modeling import lm_cross_entropy
 from .optim import Adafactor, get_scheduler
 
 __all__ = ["TrainingArguments", "Trainer", "TrainOutput"]
@@ -243,7 +243,7 @@ class Trainer:
     def _forward_loss(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             logits = self.wrapped(**batch, return_dict=True).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+        return lm_cross_entropy(logits, labels, reduction="sum")
 
     def _all_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
