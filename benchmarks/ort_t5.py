@@ -111,6 +111,29 @@ class _Functional(nn.Module):
         return getattr(self, self.mode)(*args)
 
 
+def _constants_to_initializers(path: str) -> None:
+    """Rewrite the graph at ``path`` with its Constant nodes as initializers. The TorchScript exporter
+    writes the weights (plain tensors of the state dict, not module parameters) as Constant nodes;
+    ONNX Runtime's ``quantize_dynamic`` quantizes only MatMuls whose weight is an initializer, so
+    without this it left every product in float32. (ONNX Runtime itself turns Constant nodes into
+    initializers when it loads a graph, so the float32 sessions run the same either way.)"""
+    import onnx
+
+    model = onnx.load(path)
+    graph, nodes = model.graph, []
+    for node in graph.node:
+        if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, path)
+
+
 class OrtT5:
     """Exported graphs of a checkpoint directory, run by ONNX Runtime sessions."""
 
@@ -148,6 +171,7 @@ class OrtT5:
             with torch.no_grad():
                 torch.onnx.export(_Functional(state, c, mode), args, path, input_names=names, dynamic_axes=axes,
                                   opset_version=17, dynamo=False)
+            _constants_to_initializers(path)
             if int8:
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
