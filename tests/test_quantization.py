@@ -153,3 +153,40 @@ def test_quantized_model_refuses_saving_and_training(tmp_path):
         model(input_ids=ids, attention_mask=mask, labels=dec).loss.backward()
     with pytest.raises(ValueError, match="no linear layers"):
         t5kit.quantize_dynamic(model)
+
+
+@pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="needs PyTorch's oneDNN engine")
+def test_many_row_products_through_onednn_agree_with_fbgemm(monkeypatch):
+    """From ONEDNN_INT8_MIN_ROWS rows (AMX CPUs) a layer's products use oneDNN's int8 kernels, with a
+    copy of the same int8 weights packed at the first such product; results equal fbgemm's to float32
+    rounding, and the copy goes with its layer."""
+    import gc
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_MIN_ROWS", 5)
+    layer = DynamicInt8Linear.from_linear(Linear(96, 200, bias=True)).eval()
+    few, many = torch.randn(4, 96), torch.randn(2, 3, 96)
+    layer(few)
+    assert layer._handle not in quantization._PACKED_MANY
+    out = layer(many)
+    packed = quantization._PACKED_MANY[layer._handle]
+    assert out.shape == (2, 3, 200)
+    fbgemm = torch.ops.quantized.linear_dynamic(many.reshape(6, 96), layer._packed, layer.reduce_range)
+    torch.testing.assert_close(out.reshape(6, 200), fbgemm, rtol=0, atol=1e-5 * float(fbgemm.abs().max()))
+    (w_many, b_many), (w, b) = torch.ops.quantized.linear_unpack(packed), torch.ops.quantized.linear_unpack(layer._packed)
+    assert torch.equal(w_many.int_repr(), w.int_repr()) and torch.equal(b_many, b)
+    # A whole model, eager and compiled (t5kit::int8_linear), every product through oneDNN.
+    model = t5kit.quantize_dynamic(tiny_model("T5", "gated_silu_untied"))
+    ids, mask, dec = make_batch(model.config.vocab_size)
+    with torch.no_grad():
+        monkeypatch.setattr(quantization, "ONEDNN_INT8_MIN_ROWS", None)
+        ref = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        monkeypatch.setattr(quantization, "ONEDNN_INT8_MIN_ROWS", 1)
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(model.generate(**gen, cache_implementation="static"), model.generate(**gen))
+    handle = layer._handle
+    del layer
+    gc.collect()
+    assert handle not in quantization._PACKED_MANY
