@@ -539,7 +539,7 @@ class _FlushSubnormalGrad(torch.autograd.Function):
     confident (a trained one, or random mT5 weights) puts most of its 250112 probabilities far
     below 2**-126, and the entries between 2**-149 and 2**-126 come out subnormal. Intel CPUs take
     a microcode assist on every subnormal operand of the head's two backward products, which on a
-    2-core Xeon (Emerald Rapids) made them 22 s each in an mT5-small training step (0.5 s with the
+    2-core Xeon (Emerald Rapids) made them 22 s each in an mT5-small training step (0.5-0.7 s with the
     subnormals flushed) for the reference and for us alike. The flushed entries are below float32's
     normal range, so the parameter gradients differ from the unflushed ones by less than float32
     rounding. One extra pass over the logits' gradient (hardshrink; fused into the softmax backward
