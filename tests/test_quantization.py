@@ -186,6 +186,18 @@ def test_many_row_products_through_onednn_agree_with_fbgemm(monkeypatch):
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
     assert torch.equal(model.generate(**gen, cache_implementation="static"), model.generate(**gen))
+    # A large layer (ONEDNN_INT8_LARGE_ENTRIES weights or more) goes to oneDNN from fewer rows.
+    big = DynamicInt8Linear.from_linear(Linear(96, 200)).eval()
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_MIN_ROWS", 5)
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_ROWS", 3)
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_ENTRIES", 96 * 201)
+    big(few)
+    assert big._handle not in quantization._PACKED_MANY
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_ENTRIES", 96 * 200)
+    big(torch.randn(2, 96))
+    assert big._handle not in quantization._PACKED_MANY
+    big(few)
+    assert big._handle in quantization._PACKED_MANY
     handle = layer._handle
     del layer
     gc.collect()

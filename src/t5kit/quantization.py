@@ -77,6 +77,11 @@ def _has_amx_int8() -> bool:
 # (512 -> 2048, one row: 101 against 39). Same int8 weights, same per-call activation scale:
 # outputs agree to float32 rounding.
 ONEDNN_INT8_MIN_ROWS: int | None = 32 if _has_amx_int8() else None
+# ... and layers of at least ONEDNN_INT8_LARGE_ENTRIES weights from this many rows: at 16 rows
+# (greedy, batch 16) umT5's 512 -> 256384 output projection took 11.7 ms in fbgemm, 4.0 in oneDNN
+# (8 rows: 7.7 against 3.3), where 512 -> 32128 (16.4M weights, below the bound) is level at 8-16 rows.
+ONEDNN_INT8_LARGE_ROWS: int = 8
+ONEDNN_INT8_LARGE_ENTRIES: int = 1 << 24
 
 # oneDNN's packed copies of the weights by handle, made from fbgemm's at a layer's first product of
 # ONEDNN_INT8_MIN_ROWS rows or more: only layers that see many rows (an encoder's, the cross-attention
@@ -84,9 +89,12 @@ ONEDNN_INT8_MIN_ROWS: int | None = 32 if _has_amx_int8() else None
 _PACKED_MANY: dict[int, Any] = {}
 
 
-def _packed_for(handle: int, rows: int) -> Any:
-    """The packed weight of layer ``handle`` for a product of ``rows`` rows (see ONEDNN_INT8_MIN_ROWS)."""
-    if ONEDNN_INT8_MIN_ROWS is None or rows < ONEDNN_INT8_MIN_ROWS:
+def _packed_for(handle: int, rows: int, entries: int) -> Any:
+    """The packed weight of layer ``handle`` (``entries`` weights) for a product of ``rows`` rows (see
+    ONEDNN_INT8_MIN_ROWS)."""
+    if ONEDNN_INT8_MIN_ROWS is None or rows < (
+        ONEDNN_INT8_LARGE_ROWS if entries >= ONEDNN_INT8_LARGE_ENTRIES else ONEDNN_INT8_MIN_ROWS
+    ):
         return _PACKED[handle]
     packed = _PACKED_MANY.get(handle)
     if packed is None:
@@ -101,7 +109,7 @@ def _packed_for(handle: int, rows: int) -> Any:
 
 
 def _int8_linear_op(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, _packed_for(handle, x.shape[0]), reduce_range)
+    return torch.ops.quantized.linear_dynamic(x, _packed_for(handle, x.shape[0], x.shape[1] * out_features), reduce_range)
 
 
 def _int8_linear_fake(x: torch.Tensor, handle: int, out_features: int, reduce_range: bool) -> torch.Tensor:
