@@ -12,7 +12,7 @@ import torch
 
 import t5kit
 from conftest import FAMILIES, VARIANTS, assert_rel_close, make_batch, needs_peak_memory, peak_growth_mb, tiny_model
-from t5kit.modeling import Linear
+from t5kit.modeling import Linear, T5DenseActDense
 from t5kit import packing
 from t5kit.modeling import blocked_gemm_width, blocked_linear_lowered
 from t5kit.packing import BlockedLinear, PackedLinear, can_prepack, keep_freed_memory, release_freed_memory
@@ -103,6 +103,37 @@ def test_layers_fused_into_one_product():
         expected = torch.cat([a(x), b(x), c(x)], dim=-1)
         out = fused(x)
     assert_rel_close(out, expected, what="fused products")
+
+
+def test_relu_feed_forward_applies_its_relu_in_the_packed_product(monkeypatch):
+    """prepack fuses a ReLU feed-forward's activation into its packed wi (a oneDNN post-op): the
+    products with and without it differ by exactly the ReLU, also where the product goes through
+    F.linear on the weight read back, and after blocking. Gated feed-forwards stay as they are."""
+    relu = t5kit.prepack(tiny_model("T5", "relu_tied"))
+    ffs = [m for m in relu.modules() if isinstance(m, T5DenseActDense)]
+    assert len(ffs) == relu.config.num_layers + relu.config.num_decoder_layers
+    assert all(ff.act_in_wi and ff.wi.relu and not ff.wo.relu for ff in ffs)
+    assert "ReLU" in repr(ffs[0].wi)
+    gated = t5kit.prepack(tiny_model("T5", "gated_untied"))
+    assert not any(getattr(m, "relu", False) for m in gated.modules())
+    torch.manual_seed(0)
+    layer = PackedLinear.from_linear(Linear(32, 48, bias=True))
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        plain = layer(x)
+        layer.relu = True
+        assert torch.equal(layer(x), torch.relu(plain))
+        monkeypatch.setattr(packing, "UNPACK_MIN_ROWS", 1)
+        assert layer._unpack_for(x)
+        through_f_linear = layer(x)
+        assert_rel_close(through_f_linear, torch.relu(plain), what="ReLU product through F.linear")
+        assert (through_f_linear >= 0).all() and (through_f_linear == 0).any()
+        if blocked_linear_lowered():
+            blocked = BlockedLinear.from_packed(layer, blocked_gemm_width())
+            assert blocked.relu
+            out = blocked(x)
+            assert_rel_close(out, torch.relu(plain), what="blocked ReLU product")
+            assert (out >= 0).all() and (out == 0).any()
 
 
 needs_bf16 = pytest.mark.skipif(not can_prepack(torch.bfloat16), reason="this CPU has no bfloat16 instructions for oneDNN")
@@ -345,22 +376,23 @@ def test_packing_whole_reads_the_checkpoint_a_piece_at_a_time(big_head_checkpoin
 
 
 @needs_blocked
-@pytest.mark.parametrize("family", ["T5", "UMT5"])
-def test_compiled_step_reads_blocked_weights_through_the_template(family, monkeypatch):
+@pytest.mark.parametrize("family, variant", [("T5", "gated_untied"), ("T5", "relu_tied"), ("UMT5", "gated_untied")])
+def test_compiled_step_reads_blocked_weights_through_the_template(family, variant, monkeypatch):
     """With BLOCK_DECODING_STEP, the first static generation re-stores the step's prepacked layers as
     BlockedLinear (not cross-attention's keys/values) and the graph runs inductor's template kernel
     for them (the custom op's body never runs): greedy and beam tokens equal the eager prepacked
     model's, at two batch sizes (3 rows, then 9 beams: the second compile makes the rows symbolic).
     umT5's layers are assembled and blocked 384 outputs at a time (see ASSEMBLE_PIECE_BYTES), its
-    output projection (834 outputs) in three pieces."""
+    output projection (834 outputs) in three pieces. A ReLU model's blocked wi keeps the ReLU that
+    prepack fused into it."""
     monkeypatch.setattr(packing, "BLOCK_DECODING_STEP", True)
     overrides = {}
     if family == "UMT5":
         monkeypatch.setattr(packing, "ASSEMBLE_PIECE_BYTES", 1)
         assert packing._assembles(torch.float32, 20, 834 % packing._PIECE_ALIGN)
         overrides = {"vocab_size": 834}
-    model = t5kit.prepack(tiny_model(family, "gated_untied", **overrides))
-    eager_model = t5kit.prepack(tiny_model(family, "gated_untied", **overrides))
+    model = t5kit.prepack(tiny_model(family, variant, **overrides))
+    eager_model = t5kit.prepack(tiny_model(family, variant, **overrides))
     ids, mask, _ = make_batch(model.config.vocab_size)
     for beams in (1, 3):
         gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None, num_beams=beams)
@@ -376,6 +408,8 @@ def test_compiled_step_reads_blocked_weights_through_the_template(family, monkey
         assert isinstance(block.layer[0].SelfAttention.qkv, BlockedLinear)
         assert isinstance(block.layer[1].EncDecAttention.q, BlockedLinear)
         assert type(block.layer[1].EncDecAttention.kv) is PackedLinear  # many rows, once: oneDNN
+        wi = block.layer[2].DenseReluDense.wi_01 if variant == "gated_untied" else block.layer[2].DenseReluDense.wi
+        assert isinstance(wi, BlockedLinear) and wi.relu == (variant == "relu_tied")  # its ReLU kept
     assert all(type(m) is not BlockedLinear for m in model.encoder.modules())
     assert not packing.block_decoding_step(tiny_model(family, "gated_untied"))  # only prepacked models
     if family == "UMT5":

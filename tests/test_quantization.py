@@ -7,7 +7,7 @@ import torch
 
 import t5kit
 from conftest import FAMILIES, VARIANTS, make_batch, needs_peak_memory, peak_growth_mb, tiny_model
-from t5kit.modeling import Linear
+from t5kit.modeling import Linear, T5DenseActDense
 from t5kit import quantization
 from t5kit.quantization import DynamicInt8Linear, _has_vnni
 
@@ -167,9 +167,9 @@ def test_many_row_products_through_onednn_agree_with_fbgemm(monkeypatch):
     layer = DynamicInt8Linear.from_linear(Linear(96, 200, bias=True)).eval()
     few, many = torch.randn(4, 96), torch.randn(2, 3, 96)
     layer(few)
-    assert layer._handle not in quantization._PACKED_MANY
+    assert (layer._handle, False) not in quantization._PACKED_MANY
     out = layer(many)
-    packed = quantization._PACKED_MANY[layer._handle]
+    packed = quantization._PACKED_MANY[layer._handle, False]
     assert out.shape == (2, 3, 200)
     fbgemm = torch.ops.quantized.linear_dynamic(many.reshape(6, 96), layer._packed, layer.reduce_range)
     torch.testing.assert_close(out.reshape(6, 200), fbgemm, rtol=0, atol=1e-5 * float(fbgemm.abs().max()))
@@ -192,13 +192,52 @@ def test_many_row_products_through_onednn_agree_with_fbgemm(monkeypatch):
     monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_ROWS", 3)
     monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_ENTRIES", 96 * 201)
     big(few)
-    assert big._handle not in quantization._PACKED_MANY
+    assert (big._handle, False) not in quantization._PACKED_MANY
     monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_ENTRIES", 96 * 200)
     big(torch.randn(2, 96))
-    assert big._handle not in quantization._PACKED_MANY
+    assert (big._handle, False) not in quantization._PACKED_MANY
     big(few)
-    assert big._handle in quantization._PACKED_MANY
+    assert (big._handle, False) in quantization._PACKED_MANY
     handle = layer._handle
+    layer.relu = True
+    layer(many)
+    assert (handle, True) in quantization._PACKED_MANY
     del layer
     gc.collect()
-    assert handle not in quantization._PACKED_MANY
+    assert (handle, False) not in quantization._PACKED_MANY and (handle, True) not in quantization._PACKED_MANY
+
+
+@pytest.mark.parametrize("onednn_rows", [None, 1])
+def test_relu_feed_forward_applies_its_relu_in_the_int8_product(onednn_rows, monkeypatch):
+    """quantize_dynamic fuses a ReLU feed-forward's activation into its wi (linear_relu_dynamic):
+    eager and compiled logits equal those of the same int8 model with the ReLU applied separately,
+    through fbgemm and (AMX CPUs) oneDNN. One layer run both ways, in either order, gives each
+    its own result: torch's oneDNN op keeps one cached primitive per packed weight and shape
+    whichever ran first, so each ReLU setting has a packed copy of its own (_PACKED_MANY)."""
+    if onednn_rows is not None and "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("needs PyTorch's oneDNN engine")
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_MIN_ROWS", onednn_rows)
+    fused, separate = (t5kit.quantize_dynamic(tiny_model("T5", "relu_tied")) for _ in range(2))
+    ffs = [m for m in fused.modules() if isinstance(m, T5DenseActDense)]
+    assert ffs and all(ff.act_in_wi and ff.wi.relu and not ff.wo.relu for ff in ffs)
+    assert "ReLU" in repr(ffs[0].wi)
+    for ff in separate.modules():
+        if isinstance(ff, T5DenseActDense):
+            ff.act_in_wi = ff.wi.relu = False
+    ids, mask, dec = make_batch(fused.config.vocab_size)
+    with torch.no_grad():
+        ref = separate(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        torch.testing.assert_close(fused(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    assert torch.equal(fused.generate(**gen, cache_implementation="static"), separate.generate(**gen))
+    torch.manual_seed(0)
+    layer = DynamicInt8Linear.from_linear(Linear(96, 200)).eval()
+    x = torch.randn(40, 96)
+    with torch.no_grad():
+        for order in ((False, True), (True, False)):
+            outs = {}
+            for relu in order:
+                layer.relu = relu
+                outs[relu] = layer(x)
+            assert (outs[False] < 0).any()
+            torch.testing.assert_close(outs[True], torch.relu(outs[False]), rtol=0, atol=0)

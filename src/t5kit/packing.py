@@ -194,6 +194,7 @@ class PackedLinear(nn.Module):
         self._bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.dtype = packed.dtype
         self._consumed = False  # set when BlockedLinear.from_packed has carved it up (see _carve)
+        self.relu = False  # the product applies a ReLU to its output (set by replace_linears: _fuse_relu)
 
     @classmethod
     def from_linear(cls, *layers: nn.Linear, release: Callable[[torch.Tensor], None] | None = None) -> "PackedLinear":
@@ -235,8 +236,9 @@ class PackedLinear(nn.Module):
         if self._consumed:
             raise RuntimeError("this layer's weight was released when it was re-stored as a BlockedLinear; use that layer")
         if self._unpack_for(x):
-            return F.linear(x, self._packed.to_dense(), self._bias)
-        return _dnn_linear(x, self._packed, self._bias)
+            y = F.linear(x, self._packed.to_dense(), self._bias)
+            return F.relu_(y) if self.relu else y
+        return _dnn_linear(x, self._packed, self._bias, self.relu)
 
     def _unpack_for(self, x: torch.Tensor) -> bool:
         """Whether the product of ``x`` goes through ``F.linear`` on the weight read back out of the
@@ -270,7 +272,8 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         consumed = " (consumed)" if self._consumed else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, prepacked{consumed}"
+        relu = ", ReLU" if self.relu else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, prepacked{relu}{consumed}"
 
 
 class BlockedLinear(PackedLinear):
@@ -323,15 +326,18 @@ class BlockedLinear(PackedLinear):
         if layer._consumed:  # its storage, all but a page or two handed back, goes too
             layer._packed = nn.Parameter(torch.empty(0), requires_grad=False)
         bias = None if layer._bias is None else layer._bias.detach().clone()
-        return cls(k, n, blocked, bias)
+        blocked_layer = cls(k, n, blocked, bias)
+        blocked_layer.relu = layer.relu
+        return blocked_layer
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:  # PackedLinear.forward checks the inputs
-        return _blocked_linear(x, self._packed, self._bias, self.out_features)
+        y = _blocked_linear(x, self._packed, self._bias, self.out_features)
+        return F.relu(y) if self.relu else y  # compiled: fused into the product's output loop
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {self.dtype}, "
-            f"blocked {self._packed.shape[-1]} wide"
+            f"blocked {self._packed.shape[-1]} wide{', ReLU' if self.relu else ''}"
         )
 
 
@@ -478,6 +484,7 @@ def replace_linears(
     # memory-mapped checkpoint only their pages that are read become resident (an mT5 input
     # embedding is 512 MB, of which a batch reads a few rows), and without readahead for the embeddings.
     pages.read_randomly(*(m.weight for m in model.modules() if isinstance(m, nn.Embedding)))
+    _fuse_relu(model)
     model.eval()
     model.requires_grad_(False)
     model.inference_only = what
@@ -530,6 +537,19 @@ def prepack(model: nn.Module, keep_memory: bool = True) -> nn.Module:
             raise ValueError(f"prepack needs float32 or bfloat16 weights, but {name} is {layer.weight.dtype}")
         _check_onednn_dtype(layer.weight.dtype)
     return replace_linears(model, PackedLinear.from_linear, "prepacked", keep_memory=keep_memory)
+
+
+def _fuse_relu(model: nn.Module) -> None:
+    """Have each ReLU feed-forward's converted ``wi`` (a layer with a ``relu`` switch) apply the ReLU
+    itself, as its product writes the output: exact, and no second pass over the (..., d_ff)
+    activations (t5-base's encoder: 3% faster prepacked at 16 x 128 tokens, int8 products of 128
+    rows 1.2x faster with the ReLU)."""
+    from .modeling import T5DenseActDense
+
+    for module in model.modules():
+        if isinstance(module, T5DenseActDense) and module.act is F.relu and hasattr(module.wi, "relu"):
+            module.wi.relu = True
+            module.act_in_wi = True
 
 
 def _conversion_groups(model: nn.Module) -> list[tuple[nn.Module, str, list[str]]]:
