@@ -316,6 +316,24 @@ def test_bfloat16_norm_computes_in_float32_and_rounds_once() -> None:
     assert ((twice.double() - exact).abs() > half_step * 1.001).any()  # the bound is not trivially met
 
 
+def test_float32_norm_inference_path_equals_the_reference_formula_and_the_training_path() -> None:
+    """T5LayerNorm in float32 on the CPU without gradients (its one-reduction inference path) equals
+    the reference's formula and the path training takes (F.rms_norm) to float32 rounding, at the
+    scales where the epsilon matters too; with gradients it gives them."""
+    torch.manual_seed(0)
+    norm = t5kit.modeling.T5LayerNorm(48)
+    norm.weight.data = torch.rand(48) * 3 + 0.1
+    x = torch.randn(3, 17, 48) * torch.tensor([1e-4, 1.0, 30.0]).view(3, 1, 1)
+    reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    with torch.no_grad():
+        ours = norm(x)
+    trained = norm(x.requires_grad_())
+    torch.testing.assert_close(ours, reference.detach(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(ours, trained.detach(), rtol=2e-6, atol=0)
+    trained.sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+
+
 @pytest.mark.parametrize("rows", [1, 2, 7, 65, 600])
 @pytest.mark.parametrize("bias", [False, True])
 def test_onednn_linear_equals_f_linear(rows, bias, monkeypatch):
