@@ -13,8 +13,9 @@ transformers), measuring tokens/s (higher is better). Systems (--systems, comma-
                                 int8 dynamic quantization (t5kit.quantize_dynamic); -unpacked: plain fp32
   t5kit[-bf16|-int8]-static     the same, generating with cache_implementation="static" (the decoding
                                 step captured by torch.compile; compiled in the warm-up round), with the
-                                step's fp32 layers blocked for it, as `t5kit run --cache-implementation
-                                static` does (t5kit.packing.BLOCK_DECODING_STEP); train: the forward
+                                step's fp32 layers blocked for it and the encoder compiled
+                                (t5kit.compile_encoder), as `t5kit run --cache-implementation static`
+                                does (t5kit.packing.BLOCK_DECODING_STEP); train: the forward
                                 through torch.compile, as TrainingArguments(torch_compile=True) does
   ctranslate2[-int8]            CTranslate2's converter and Translator (T5 vocabulary shapes only)
   onnxruntime[-int8]            encoder + cross K/V + decoder-step graphs, numpy loop (ort_t5.py)
@@ -169,6 +170,8 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
         t5kit.packing.BLOCK_DECODING_STEP = True  # as `t5kit run --cache-implementation static` sets it
     if system in ("t5kit", "t5kit-bf16") and t5kit.packing.can_prepack(model.dtype):
         model = t5kit.prepack(model)  # bf16 not on CPUs without bf16 instructions: unpacked, as `t5kit run`
+    if static:
+        t5kit.compile_encoder(model)  # as `t5kit run --cache-implementation static`; compiled in the warm-up calls
 
     with torch.inference_mode():
         encoder = model.get_encoder()

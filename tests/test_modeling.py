@@ -521,3 +521,64 @@ def test_lm_loss_gradient_has_no_subnormals_and_otherwise_equals_the_reference(t
     out_ref.loss.backward()
     for name in ("lm_head.weight", "shared.weight", "encoder.block.0.layer.0.SelfAttention.q.weight"):
         assert_rel_close(ours.get_parameter(name).grad, ref.get_parameter(name).grad, what=name)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("conversion", ["none", "prepack", "bf16", "int8"])
+def test_compiled_encoder_equals_eager(conversion: str) -> None:
+    """t5kit.compile_encoder: inference calls of the encoder (directly, through the model's forward
+    and in generate) run a compiled graph whose outputs equal the eager encoder's (float32 and
+    prepacked to rounding, int8 to its quantization step), at two input shapes (the second
+    symbolic; bf16: to a few bfloat16 steps, inductor rounding its fused maths once); ids out of
+    range still raise; calls with gradients stay eager and train."""
+    dtype = torch.bfloat16 if conversion == "bf16" else torch.float32
+    if conversion in ("prepack", "bf16") and not t5kit.packing.can_prepack(dtype):
+        pytest.skip(f"this CPU cannot prepack {dtype}")
+    model = tiny_model("T5", "relu_tied")
+    if conversion in ("prepack", "bf16"):
+        model = t5kit.prepack(model.to(dtype))
+    elif conversion == "int8":
+        model = t5kit.quantize_dynamic(model)
+    rel = {"int8": 3e-2, "bf16": 5e-2}.get(conversion, 1e-5)
+    encoder = model.get_encoder()
+    assert t5kit.compile_encoder(model) is model and encoder.compiled
+    with torch.no_grad():
+        for batch, length in ((3, 9), (2, 13)):
+            ids, mask, dec = make_batch(model.config.vocab_size, batch=batch, length=length)
+            encoder.compiled = False
+            eager = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+            encoder.compiled = True
+            before = _graphs()
+            compiled = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert _graphs() > before or batch == 2  # the first shape compiles; the second may reuse a symbolic graph
+            assert_rel_close(compiled, eager, rel=rel, what=f"compiled encoder {batch}x{length}")
+            assert_rel_close(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits, logits, rel=rel,
+                             what="logits with the compiled encoder")
+            graphs = _graphs()
+            encoder(input_ids=ids, attention_mask=mask)
+            assert _graphs() == graphs  # a second call of the same shape reuses its graph
+        if conversion in ("none", "prepack"):
+            gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None)
+            tokens = model.generate(**gen)
+            encoder.compiled = False
+            assert torch.equal(tokens, model.generate(**gen))
+            encoder.compiled = True
+        bad = ids.clone()
+        bad[0, 0] = model.config.vocab_size
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            encoder(input_ids=bad, attention_mask=mask)
+    if conversion == "none":  # with gradients: eager, and it trains
+        model.train()
+        graphs = _graphs()
+        loss = model(input_ids=ids, attention_mask=mask, labels=dec).loss
+        loss.backward()
+        assert _graphs() == graphs
+        assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    with pytest.raises(TypeError, match="needs a t5kit model with an encoder"):
+        t5kit.compile_encoder(model.decoder)

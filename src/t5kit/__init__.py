@@ -43,6 +43,7 @@ from .modeling import (
     UMT5ForTokenClassification,
     UMT5Model,
 )
+from .modeling import compile_encoder
 from .modeling_utils import PreTrainedModel
 from .packing import prepack
 from .quantization import quantize_dynamic
@@ -69,6 +70,7 @@ from .outputs import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "compile_encoder",
     "prepack",
     "quantize_dynamic",
     "AutoConfig",

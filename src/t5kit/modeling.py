@@ -53,6 +53,7 @@ from .outputs import (
 )
 
 __all__ = [
+    "compile_encoder",
     "T5Model",
     "T5ForConditionalGeneration",
     "T5EncoderModel",
@@ -727,13 +728,18 @@ def attend(
     bias: torch.Tensor | None,
     dropout_p: float,
     need_weights: bool,
+    cached: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Unscaled dot-product attention (T5 folds 1/sqrt(D) into its initialisation).
 
     q: (B, H, T, D); k, v: (B, H, K, D); bias: additive, broadcastable to (B, H, T, K), holding
-    the relative position bias and the masks. Returns (B, H, T, D) and, if asked, the weights.
+    the relative position bias and the masks; ``cached``: k and v come from a decoding cache.
+    Returns (B, H, T, D) and, if asked, the weights.
     """
-    if not need_weights and not torch.compiler.is_compiling():
+    if not need_weights and (not torch.compiler.is_compiling() or (not cached and not torch.is_grad_enabled())):
+        # Eager, and compiled inference without a cache (t5kit.compile_encoder): the fused kernel,
+        # which inductor calls as it is (its own plain maths took 0.8 ms against 0.21 for t5-base's
+        # 128 x 128 heads; t5kit's decoding kernel re-reads the keys per query).
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0), None
     if not need_weights and dropout_p == 0.0 and attend_kernel_applies(q, k, v, bias):
         # A compiled decoding step on the CPU: t5kit's kernel for a few queries (t5kit.kernels).
@@ -823,10 +829,10 @@ class T5Attention(nn.Module):
             # group attend as G*T queries of one row, so the encoder output is never copied per beam.
             rows, g = k.shape[0], b // k.shape[0]
             q = q.view(rows, g, self.n_heads, t, self.d_kv).transpose(1, 2).reshape(rows, self.n_heads, g * t, self.d_kv)
-            out, weights = attend(q, k, v, bias, dropout_p, need_weights=False)  # (rows, H, G*T, D)
+            out, weights = attend(q, k, v, bias, dropout_p, need_weights=False, cached=cache is not None)  # (rows, H, G*T, D)
             out = out.view(rows, self.n_heads, g, t, self.d_kv).transpose(1, 2).reshape(b, self.n_heads, t, self.d_kv)
         else:
-            out, weights = attend(q, k, v, bias, dropout_p, need_weights)
+            out, weights = attend(q, k, v, bias, dropout_p, need_weights, cached=cache is not None)
         return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.d_kv)), weights
 
 
@@ -916,6 +922,7 @@ class T5Stack(nn.Module):
         self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.gradient_checkpointing = False
+        self.compiled = False  # set by t5kit.compile_encoder: inference calls run the compiled forward
 
     def _buckets(self, query_length: int, key_length: int, past: int, device: torch.device) -> torch.Tensor:
         """(T, K) relative-position bucket ids; queries sit at positions past..past+T-1."""
@@ -1010,6 +1017,11 @@ class T5Stack(nn.Module):
         """Run the stack. ``segment_ids`` (B, T) describe packed rows (1, 2, ... per example, 0 on
         padding): attention stays inside an example and relative positions restart with it; a
         decoder also needs ``encoder_segment_ids`` (B, S) for cross-attention."""
+        if self.compiled and cache is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._compiled_forward(
+                input_ids, attention_mask, inputs_embeds, encoder_hidden_states, encoder_attention_mask, None,
+                output_attentions, output_hidden_states, segment_ids, encoder_segment_ids,
+            )
         if inputs_embeds is None and torch.compiler.is_compiling() and isinstance(self.embed_tokens, nn.Embedding):
             # The ids were checked by the graph's own assert (_check_ids), but inductor may run the
             # lookup first, whose bounds check would then fail with a message naming no tensor; in
@@ -1077,6 +1089,61 @@ class T5Stack(nn.Module):
             attentions=tuple(all_self) if output_attentions else None,
             cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
         )
+
+
+    def _compiled_forward(self, *args: Any) -> BaseModelOutputWithPastAndCrossAttentions:
+        """:meth:`forward` (same arguments, in order) through ``torch.compile`` (see compile_encoder)."""
+        from .generation import _RECOMPILE_LIMIT, _release_memory_on_compile  # lazy: generation imports this module
+
+        input_ids, inputs_embeds = args[0], args[2]
+        if inputs_embeds is None and isinstance(input_ids, torch.Tensor) and input_ids.numel():
+            # Checked here: the compiled graph clamps the ids it looks up (see forward).
+            lo, hi = torch.aminmax(input_ids)
+            vocab = self.embed_tokens.num_embeddings
+            if int(lo) < 0 or int(hi) >= vocab:
+                bad = int(lo) if int(lo) < 0 else int(hi)
+                raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})")
+        cuda = self.final_layer_norm.weight.device.type == "cuda"
+        if cuda not in _COMPILED_STACKS:
+            options = {} if cuda else {"cpp_wrapper": True, **_lower_dnn_linear()}
+            _COMPILED_STACKS[cuda] = torch.compile(T5Stack.forward, options=options)
+        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+        with torch._dynamo.config.patch(recompile_limit=limit), inductor_fixes(), _release_memory_on_compile():
+            return _COMPILED_STACKS[cuda](self, *args)
+
+
+# T5Stack.forward through torch.compile, one per device kind (CPU, CUDA): dynamo guards on the
+# stack passed in, so every compiled encoder gets graphs of its own (and input shapes after the
+# first become symbolic: one more graph, not one per length).
+_COMPILED_STACKS: dict[bool, Callable[..., Any]] = {}
+
+
+def compile_encoder(model: nn.Module) -> nn.Module:
+    """Have ``model``'s encoder run through ``torch.compile`` for inference; in place, returns ``model``.
+
+    ``model`` is any t5kit model with an encoder (``ForConditionalGeneration``, ``EncoderModel``,
+    the classification models...) or an encoder stack (``model.get_encoder()``). Calls without
+    gradients and without a cache (inference, ``generate``'s encoder pass) then run the compiled
+    forward: norms, residuals and the ReLU fused into C++ loops, no Python between the layers;
+    prepacked and int8 products called from the graph as eager calls them (attention through the
+    same fused kernel). Training calls stay eager. The first call per input shape compiles (5-10 s
+    for t5-base); from the second shape on, the graph takes symbolic shapes. Outputs equal the
+    eager encoder's to float32 rounding (int8: to its quantization; tested). On the Emerald Rapids
+    Xeon of the README, t5-base int8 encoder b1x128 19.0 -> 16.1 ms, b16x128 180 -> 167 ms;
+    float32 prepacked 68.4 -> 64.4 ms and level at b16.
+
+    Example::
+
+        model = t5kit.quantize_dynamic(T5EncoderModel.from_pretrained("t5-base"))
+        t5kit.compile_encoder(model)
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+    """
+    encoder = model if isinstance(model, T5Stack) else getattr(model, "encoder", None)
+    if not isinstance(encoder, T5Stack) or encoder.is_decoder:
+        raise TypeError(f"compile_encoder needs a t5kit model with an encoder, or its encoder stack; got {type(model).__name__}")
+    encoder.compiled = True
+    return model
 
 
 class T5ClassificationHead(nn.Module):
