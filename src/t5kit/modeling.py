@@ -679,7 +679,7 @@ class T5DenseActDense(nn.Module):
         self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.act = ACT_FNS[config.dense_act_fn]
-        # Set by t5kit.prepack where act is ReLU: wi's product applies it as it writes its output
+        # Set by t5kit.prepack / quantize_dynamic where act is ReLU: wi's product applies it as it writes its output
         # (one pass less over the (..., d_ff) activations: t5-base's encoder 3-5% faster).
         self.act_in_wi = False
 
@@ -1089,7 +1089,6 @@ class T5Stack(nn.Module):
             attentions=tuple(all_self) if output_attentions else None,
             cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
         )
-
 
     def _compiled_forward(self, *args: Any) -> BaseModelOutputWithPastAndCrossAttentions:
         """:meth:`forward` (same arguments, in order) through ``torch.compile`` (see compile_encoder)."""
