@@ -914,22 +914,14 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     from the host take longer than the GPU takes to run them.
     """
     from . import packing  # lazy: packing imports the models
-    from .modeling import _lower_dnn_linear, inductor_fixes  # lazy: modeling imports this module
+    from .modeling import compile_options, inductor_fixes  # lazy: modeling imports this module
 
     if packing.BLOCK_DECODING_STEP:
         packing.block_decoding_step(model)  # once per model: later calls find nothing left to block
     cls = type(model)
     cuda = model.device.type == "cuda"
     if (cls, cuda) not in _COMPILED_STEPS:
-        # CPU: cpp_wrapper: the graph's calls (~75 kernels and products a t5-base step) run from C++,
-        # not from a generated Python function: about 1.3 ms a step less on t5-base (6%), 0.2 ms on
-        # t5-small. A cold first compile of t5-base took 54 s against 35 s without it (cached on disk
-        # afterwards, as every graph is); the tiny graphs of the test suite compile no slower.
-        # GPU: the step is replayed as a CUDA graph, so the wrapper's launch savings do not apply, and
-        # its C++ for CUDA compiles slowly: a first t5-base step on an H100's host had not compiled
-        # after 90 s with it, against 14-25 s without.
-        options = {} if cuda else {"cpp_wrapper": True, **_lower_dnn_linear()}
-        _COMPILED_STEPS[cls, cuda] = torch.compile(cls.decode_step, fullgraph=True, options=options)
+        _COMPILED_STEPS[cls, cuda] = torch.compile(cls.decode_step, fullgraph=True, options=compile_options(cuda))
     compiled = _COMPILED_STEPS[cls, cuda]
     fn: Callable[..., torch.Tensor] = compiled
     checked = False

@@ -4,8 +4,8 @@
 stored as int8 with one scale per output channel, activations quantized to 8 bits per call (one
 scale per call, from the current values), int8 x int8 products accumulated in int32 by PyTorch's
 fbgemm kernels (on CPUs with AMX, products of 32 rows or more, or of 8 rows or more in layers of
-2^24+ weights, by oneDNN's: see ``ONEDNN_INT8_MIN_ROWS``), the result rescaled to float32. This is what ONNX Runtime's and CTranslate2's
-"int8" modes do. On CPUs without 8-bit dot-product instructions (VNNI; AVX2-only processors such
+2^24+ weights, by oneDNN's: see ``ONEDNN_INT8_MIN_ROWS``), the result rescaled to float32. This is
+what ONNX Runtime's and CTranslate2's "int8" modes do. On CPUs without 8-bit dot-product instructions (VNNI; AVX2-only processors such
 as AMD Zen 3) fbgemm's kernel sums pairs of products in 16 bits, which 8-bit activations would
 overflow, so activations are quantized to 7 bits there (``reduce_range``): about twice the error.
 A decoding step reads a quarter of the fp32 weight bytes, so memory-bound batch-1
@@ -127,6 +127,13 @@ _LIB.impl("int8_linear", _int8_linear_op, "CPU")
 torch.library.register_fake("t5kit::int8_linear", _int8_linear_fake, lib=_LIB)
 
 
+def _forget(handle: int) -> None:
+    """Drop layer ``handle``'s packed weights (fbgemm's and any oneDNN copies) when the layer goes."""
+    _PACKED.pop(handle, None)
+    for relu in (False, True):
+        _PACKED_MANY.pop((handle, relu), None)
+
+
 class DynamicInt8Linear(nn.Module):
     """A linear layer with int8 weights (per output channel) and per-call int8 activations.
 
@@ -146,9 +153,7 @@ class DynamicInt8Linear(nn.Module):
     def _register(self) -> None:
         self._handle = next(_HANDLES)  # the key of _PACKED a compiled graph uses
         _PACKED[self._handle] = self._packed
-        weakref.finalize(self, _PACKED.pop, self._handle, None)
-        weakref.finalize(self, _PACKED_MANY.pop, (self._handle, False), None)
-        weakref.finalize(self, _PACKED_MANY.pop, (self._handle, True), None)
+        weakref.finalize(self, _forget, self._handle)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
