@@ -157,7 +157,7 @@ def test_quantized_model_refuses_saving_and_training(tmp_path):
 
 @pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines, reason="needs PyTorch's oneDNN engine")
 def test_many_row_products_through_onednn_agree_with_fbgemm(monkeypatch):
-    """From ONEDNN_INT8_MIN_ROWS rows (AMX CPUs) a layer's products use oneDNN's int8 kernels, with a
+    """From ONEDNN_INT8_MIN_ROWS rows (AMX and AVX-512 VNNI CPUs) a layer's products use oneDNN's int8 kernels, with a
     copy of the same int8 weights packed at the first such product; results equal fbgemm's to float32
     rounding, and the copy goes with its layer."""
     import gc
@@ -211,7 +211,7 @@ def test_many_row_products_through_onednn_agree_with_fbgemm(monkeypatch):
 def test_relu_feed_forward_applies_its_relu_in_the_int8_product(onednn_rows, monkeypatch):
     """quantize_dynamic fuses a ReLU feed-forward's activation into its wi (linear_relu_dynamic):
     eager and compiled logits equal those of the same int8 model with the ReLU applied separately,
-    through fbgemm and (AMX CPUs) oneDNN. One layer run both ways, in either order, gives each
+    through fbgemm and (AMX and AVX-512 VNNI CPUs) oneDNN. One layer run both ways, in either order, gives each
     its own result: torch's oneDNN op keeps one cached primitive per packed weight and shape
     whichever ran first, so each ReLU setting has a packed copy of its own (_PACKED_MANY)."""
     if onednn_rows is not None and "onednn" not in torch.backends.quantized.supported_engines:

@@ -70,17 +70,33 @@ def _has_amx_int8() -> bool:
     return "amx_int8" in _cpuinfo() and "onednn" in torch.backends.quantized.supported_engines
 
 
+@lru_cache(maxsize=1)
+def _has_avx512_vnni_only() -> bool:
+    """Whether the CPU has AVX-512 8-bit dot products but no AMX (AMD Zen 4, Intel Ice Lake and
+    Cascade Lake) and PyTorch its oneDNN quantized engine."""
+    flags = _cpuinfo()
+    return "avx512_vnni" in flags and "amx_int8" not in flags and "onednn" in torch.backends.quantized.supported_engines
+
+
 # Products of at least this many rows use oneDNN's int8 kernels instead of fbgemm's (None: none
 # do). On a 2-core Xeon (Emerald Rapids) oneDNN's AMX kernels compute 128 rows at 1.4-2.8x
 # fbgemm's rate (512 -> 32128: 3832 against 1392 GFLOP/s; 2048 rows of 2048 -> 512: 2299 against
 # 1222), from 32 rows 1.5x (512 -> 2048: 1284 against 869), but at 1-16 rows fbgemm is faster
-# (512 -> 2048, one row: 101 against 39). Same int8 weights, same per-call activation scale:
-# outputs agree to float32 rounding.
-ONEDNN_INT8_MIN_ROWS: int | None = 32 if _has_amx_int8() else None
+# (512 -> 2048, one row: 101 against 39). Without AMX (2 cores of an AMD Zen 4, AVX-512 VNNI)
+# oneDNN's kernels pass fbgemm's later, and by less: interleaved with fbgemm, level at 64-256 rows
+# and for 512 -> 512, 1.06-1.10x for the wider products at 512-2048 rows (a batch-16 encoder over
+# 128 tokens runs 2048); whole int8 encoders, paired: t5-base b16 x 128 1.11x, t5-small b16 1.02x,
+# b4 1.09x. Same int8 weights, same per-call activation scale: outputs agree to float32 rounding,
+# but for a rare activation that rounds to the neighbouring step (one 2048-row product of 512 -> 2048
+# read 0.12 apart of outputs up to 130). (Ice Lake and Cascade Lake Xeons take the Zen 4 setting
+# unmeasured.)
+ONEDNN_INT8_MIN_ROWS: int | None = 32 if _has_amx_int8() else 512 if _has_avx512_vnni_only() else None
 # ... and layers of at least ONEDNN_INT8_LARGE_ENTRIES weights from this many rows: at 16 rows
 # (greedy, batch 16) umT5's 512 -> 256384 output projection took 11.7 ms in fbgemm, 4.0 in oneDNN
 # (8 rows: 7.7 against 3.3), where 512 -> 32128 (16.4M weights, below the bound) is level at 8-16 rows.
-ONEDNN_INT8_LARGE_ROWS: int = 8
+# On the Zen 4, from 16 rows: umT5's head 10.7 against 9.2 ms (8 rows: 5.8 against 6.3), mT5's
+# 512 -> 250112 15.0 against 10.9 (32 rows: 16.3 against 14.7).
+ONEDNN_INT8_LARGE_ROWS: int = 8 if _has_amx_int8() else 16
 ONEDNN_INT8_LARGE_ENTRIES: int = 1 << 24
 
 # oneDNN's packed copies of the weights by (handle, relu), made from fbgemm's at a layer's first
