@@ -95,7 +95,8 @@ ONEDNN_INT8_MIN_ROWS: int | None = 32 if _has_amx_int8() else 512 if _has_avx512
 # (greedy, batch 16) umT5's 512 -> 256384 output projection took 11.7 ms in fbgemm, 4.0 in oneDNN
 # (8 rows: 7.7 against 3.3), where 512 -> 32128 (16.4M weights, below the bound) is level at 8-16 rows.
 # On the Zen 4, from 16 rows: umT5's head 10.7 against 9.2 ms (8 rows: 5.8 against 6.3), mT5's
-# 512 -> 250112 15.0 against 10.9 (32 rows: 16.3 against 14.7).
+# 512 -> 250112 15.0 against 10.9 (32 rows: 16.3 against 14.7), t5-base's 768 -> 32128 1.08-1.21x at
+# 16 rows, 1.21x at 32 (interleaved).
 ONEDNN_INT8_LARGE_ROWS: int = 8 if _has_amx_int8() else 16
 ONEDNN_INT8_LARGE_ENTRIES: int = 1 << 24
 
