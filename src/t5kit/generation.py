@@ -914,7 +914,7 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     from the host take longer than the GPU takes to run them.
     """
     from . import packing  # lazy: packing imports the models
-    from .modeling import compile_options, inductor_fixes  # lazy: modeling imports this module
+    from .modeling import compile_options  # lazy: modeling imports this module
 
     if packing.BLOCK_DECODING_STEP:
         packing.block_decoding_step(model)  # once per model: later calls find nothing left to block
@@ -952,9 +952,8 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
                 return fn(model, feed, *args)
         checked = True
         graphs_before = _graphs_compiled()
-        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
         try:
-            with torch._dynamo.config.patch(recompile_limit=limit), inductor_fixes(), _release_memory_on_compile():
+            with _compiling() as limit:
                 logits = compiled(model, feed, *args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(
@@ -1009,6 +1008,19 @@ class _StepGraph:
     def replay(self) -> torch.Tensor:
         self.graph.replay()
         return self.logits.clone()
+
+
+@contextlib.contextmanager
+def _compiling() -> Iterator[int]:
+    """What a call of one of t5kit's compiled graphs (the decoding step, the encoder) runs under:
+    dynamo's recompile limit raised to ``_RECOMPILE_LIMIT`` (yielded), inductor's miscompile fixed
+    (:func:`t5kit.modeling.inductor_fixes`), and free memory handed back when a compile starts
+    (:func:`_release_memory_on_compile`)."""
+    from .modeling import inductor_fixes  # lazy: modeling imports this module
+
+    limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit), inductor_fixes(), _release_memory_on_compile():
+        yield limit
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ from .cache import EncoderDecoderCache
 from .config import MT5Config, T5Config, UMT5Config
 from .generation import GenerationConfig, GenerationMixin
 from .kernels import attend as _attend_kernel, attend_kernel_applies, register_attend_lowering
-from .modeling_utils import PreTrainedModel, segment_starts
+from .modeling_utils import PreTrainedModel, check_id_range, segment_starts
 from .outputs import (
     BaseModelOutput,
     BaseModelOutputWithPastAndCrossAttentions,
@@ -1108,21 +1108,16 @@ class T5Stack(nn.Module):
 
     def _compiled_forward(self, *args: Any) -> BaseModelOutputWithPastAndCrossAttentions:
         """:meth:`forward` (same arguments, in order) through ``torch.compile`` (see compile_encoder)."""
-        from .generation import _RECOMPILE_LIMIT, _release_memory_on_compile  # lazy: generation imports this module
+        from .generation import _compiling  # lazy: generation imports this module
 
         input_ids, inputs_embeds = args[0], args[2]
         if inputs_embeds is None and isinstance(input_ids, torch.Tensor) and input_ids.numel():
             # Checked here: the compiled graph clamps the ids it looks up (see forward).
-            lo, hi = torch.aminmax(input_ids)
-            vocab = self.embed_tokens.num_embeddings
-            if int(lo) < 0 or int(hi) >= vocab:
-                bad = int(lo) if int(lo) < 0 else int(hi)
-                raise ValueError(f"input_ids holds token id {bad}, outside the vocabulary [0, {vocab})")
+            check_id_range(input_ids, self.embed_tokens.num_embeddings, "input_ids")
         cuda = self.final_layer_norm.weight.device.type == "cuda"
         if cuda not in _COMPILED_STACKS:
             _COMPILED_STACKS[cuda] = torch.compile(T5Stack.forward, options=compile_options(cuda))
-        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-        with torch._dynamo.config.patch(recompile_limit=limit), inductor_fixes(), _release_memory_on_compile():
+        with _compiling():
             return _COMPILED_STACKS[cuda](self, *args)
 
 

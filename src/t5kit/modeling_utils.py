@@ -39,6 +39,15 @@ _EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def check_id_range(ids: torch.Tensor, vocab: int, name: str, extra: str = "") -> None:
+    """Raise a ValueError naming the first bad id if ``ids`` (non-empty) holds one outside [0, vocab).
+    Reads the range back to the host: for eager code, not inside a graph being compiled."""
+    lo, hi = torch.aminmax(ids)
+    if int(lo) < 0 or int(hi) >= vocab:
+        bad = int(lo) if int(lo) < 0 else int(hi)
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab}){extra}")
+
+
 class PreTrainedModel(nn.Module):
     """Base class of the t5kit models (an ``nn.Module`` with the reference's helper methods)."""
 
@@ -218,10 +227,7 @@ class PreTrainedModel(nn.Module):
             in_range = ((valid >= 0) & (valid < vocab)).all()
             torch._assert_async(in_range, f"{name} holds a token id outside the vocabulary [0, {vocab}){extra}")
             return
-        lo, hi = torch.aminmax(valid)
-        if int(lo) < 0 or int(hi) >= vocab:
-            bad = int(lo) if int(lo) < 0 else int(hi)
-            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {vocab}){extra}")
+        check_id_range(valid, vocab, name, extra)
 
     def _check_hidden(self, x: torch.Tensor, name: str) -> None:
         if not isinstance(x, torch.Tensor):

@@ -3,8 +3,8 @@
 ``quantize_dynamic(model)`` replaces every linear layer by :class:`DynamicInt8Linear`: weights
 stored as int8 with one scale per output channel, activations quantized to 8 bits per call (one
 scale per call, from the current values), int8 x int8 products accumulated in int32 by PyTorch's
-fbgemm kernels (on CPUs with AMX, products of 32 rows or more, or of 8 rows or more in layers of
-2^24+ weights, by oneDNN's: see ``ONEDNN_INT8_MIN_ROWS``), the result rescaled to float32. This is
+fbgemm kernels (products of many rows, on CPUs with AMX or AVX-512 VNNI, by oneDNN's: see
+``ONEDNN_INT8_MIN_ROWS``), the result rescaled to float32. This is
 what ONNX Runtime's and CTranslate2's "int8" modes do. On CPUs without 8-bit dot-product instructions (VNNI; AVX2-only processors such
 as AMD Zen 3) fbgemm's kernel sums pairs of products in 16 bits, which 8-bit activations would
 overflow, so activations are quantized to 7 bits there (``reduce_range``): about twice the error.
