@@ -36,10 +36,11 @@ Medians of --rounds. Ratios are against transformers fp32 measured in the same r
 speed drifts by 20-30% within minutes (other tenants share its memory bandwidth), so single cells
 of one run are rough: --repeats N runs every system N times, alternating their order, and reports
 each cell's median and each ratio's median over the repeats (training: the first repeat). For the fast
-modes, quality against t5kit fp32 is printed too: the largest logit error relative to the largest
-logit, teacher-forced on the same fixed decoder tokens in every system (so that it measures each
-system's arithmetic, not where its own greedy tokens went), and the share of greedy b16 tokens
-equal to fp32's.
+modes, quality against fp32 is printed too (against the first of t5kit, t5kit-static, t5kit-unpacked
+and transformers measured; not transformers for umT5): the largest logit error relative to the
+largest logit, teacher-forced on the same fixed decoder tokens in every system (so that it measures
+each system's arithmetic, not where its own greedy tokens went), and the share of greedy b16 tokens
+(greedy b1 if b16 is not measured) equal to fp32's.
 """
 
 from __future__ import annotations
@@ -183,17 +184,17 @@ def _torch_system(system: str, model_dir: str, rounds: int, logits_file: str) ->
             tokens_of=lambda seqs: seqs.tolist(),
         )
         out["peak RSS MB"] = _peak_rss_mb()  # after the generation cases, before the quality logits and training
-        if "greedy b16" in out["tokens"]:
-            # Logits on a fixed teacher-forced batch, for the quality report: a file, not JSON (an mT5
-            # batch holds 65M logits, gigabytes as Python floats in every process that reads them).
-            # Fixed decoder tokens, the same in every system: teacher-forced on each system's own
-            # greedy tokens, the logits of two systems part where their tokens part (a random untied
-            # mT5 head parts after a few tokens) and the error measures that, not the arithmetic.
-            ids, mask = _inputs(4, 64, 99)
-            dec, _ = _inputs(4, 1 + NEW_TOKENS, 98)
-            dec[:, 0] = model.config.decoder_start_token_id
-            torch.save(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float(), logits_file)
-            out["logits"] = logits_file
+        # Logits on a fixed teacher-forced batch, for the quality report (whatever the columns): a
+        # file, not JSON (an mT5 batch holds 65M logits, gigabytes as Python floats in every process
+        # that reads them).
+        # Fixed decoder tokens, the same in every system: teacher-forced on each system's own
+        # greedy tokens, the logits of two systems part where their tokens part (a random untied
+        # mT5 head parts after a few tokens) and the error measures that, not the arithmetic.
+        ids, mask = _inputs(4, 64, 99)
+        dec, _ = _inputs(4, 1 + NEW_TOKENS, 98)
+        dec[:, 0] = model.config.decoder_start_token_id
+        torch.save(model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.float(), logits_file)
+        out["logits"] = logits_file
     if system in ("transformers", "transformers-compile") and "train" in COLUMNS:
         out["train"] = _train_steps_per_s(model, rounds)  # -compile: its forward is compiled (above)
     return out
@@ -327,11 +328,18 @@ def main() -> None:
     for system in results:
         cells = [f"{ratios[system][c]:12.2f}x" if c in ratios[system] else f"{'-':>13s}" for c in COLUMNS]
         print(f"{system:18s}" + "".join(cells))
-    ref = results.get("t5kit")
-    if ref and "greedy b16" in ref.get("tokens", {}):
-        print("\nquality against t5kit fp32: tokens equal (greedy b16), max |logit error| / max |logit|")
+    # The fp32 reference of the quality report: t5kit's fp32 systems give the same logits to float32
+    # rounding and the same tokens; transformers' too, but for umT5 (its head rescale, see below).
+    fp32 = [s for s in ("t5kit", "t5kit-static", "t5kit-unpacked", "transformers") if s in results and "logits" in results[s]]
+    fp32 = [s for s in fp32 if not (family == "UMT5" and s == "transformers")]
+    if fp32:
+        ref_name = fp32[0]
+        ref = results[ref_name]
+        greedy = next((c for c in ("greedy b16", "greedy b1") if c in ref.get("tokens", {})), None)
+        print(f"\nquality against {ref_name} (fp32): tokens equal ({greedy or 'no greedy column measured'}), "
+              "max |logit error| / max |logit|")
         for system, res in results.items():
-            same = _share_equal(res.get("tokens", {}).get("greedy b16"), ref["tokens"]["greedy b16"])
+            same = _share_equal(res.get("tokens", {}).get(greedy), ref["tokens"][greedy]) if greedy else "-"
             err = "-"
             if "logits" in res:
                 a, b = torch.load(res["logits"]), torch.load(ref["logits"])

@@ -582,3 +582,20 @@ def test_compiled_encoder_equals_eager(conversion: str) -> None:
         assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
     with pytest.raises(TypeError, match="needs a t5kit model with an encoder"):
         t5kit.compile_encoder(model.decoder)
+
+
+def test_compiling_the_encoder_hands_the_compilers_freed_memory_back(monkeypatch) -> None:
+    """As the decoding step does: a compiled encoder call that compiles a graph releases free memory
+    when the compiler starts and once it is done; a later call of the same shape releases nothing."""
+    model = t5kit.compile_encoder(tiny_model("T5", "relu_tied"))
+    # A class of its own: graphs guard on the stack's class, so none compiled by other tests fits.
+    model.encoder.__class__ = type("FreshStack", (type(model.encoder),), {})
+    calls = []
+    monkeypatch.setattr(t5kit.packing, "release_freed_memory", lambda: calls.append(_graphs()))
+    ids, mask, _ = make_batch(model.config.vocab_size, batch=2, length=7)
+    before = _graphs()
+    with torch.no_grad():
+        first = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert calls == [before, before + 1]
+        assert torch.equal(model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state, first)
+    assert calls == [before, before + 1]

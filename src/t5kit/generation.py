@@ -903,7 +903,7 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
     compiles if no graph fits); the later steps of the same generation feed the same model, cache
     and shapes, so they skip the checks (about 0.1 ms a step). Only this function's calls skip them.
     A call that compiled a graph then returns the compiler's freed memory to the kernel (see
-    :func:`t5kit.packing.release_freed_memory`): prepack's allocator setting would keep it resident.
+    :func:`_compiling`).
     Past ``_RECOMPILE_LIMIT`` graphs (many configs or shapes in one process) the generation warns
     and runs its steps eagerly, as ``disable_compile=True`` would. A prepacked float32 model has its
     step's layers re-stored for inductor's own matrix-product kernels first (see
@@ -951,7 +951,6 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
             with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                 return fn(model, feed, *args)
         checked = True
-        graphs_before = _graphs_compiled()
         try:
             with _compiling() as limit:
                 logits = compiled(model, feed, *args)
@@ -963,8 +962,6 @@ def _compiled_step(model: Any) -> Callable[..., torch.Tensor]:
             )
             fn = cls.decode_step  # eager for the rest of this generation
             return fn(model, feed, *args)
-        if _graphs_compiled() != graphs_before:
-            packing.release_freed_memory()
         return logits
 
     return step
@@ -1014,13 +1011,19 @@ class _StepGraph:
 def _compiling() -> Iterator[int]:
     """What a call of one of t5kit's compiled graphs (the decoding step, the encoder) runs under:
     dynamo's recompile limit raised to ``_RECOMPILE_LIMIT`` (yielded), inductor's miscompile fixed
-    (:func:`t5kit.modeling.inductor_fixes`), and free memory handed back when a compile starts
-    (:func:`_release_memory_on_compile`)."""
+    (:func:`t5kit.modeling.inductor_fixes`), and free memory handed back to the kernel when a
+    compile starts (:func:`_release_memory_on_compile`) and, if the call compiled a graph, when it
+    returns (:func:`t5kit.packing.release_freed_memory`): prepack's allocator setting would keep
+    the compiler's freed memory resident."""
+    from . import packing  # lazy: packing imports the models
     from .modeling import inductor_fixes  # lazy: modeling imports this module
 
     limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+    graphs_before = _graphs_compiled()
     with torch._dynamo.config.patch(recompile_limit=limit), inductor_fixes(), _release_memory_on_compile():
         yield limit
+    if _graphs_compiled() != graphs_before:
+        packing.release_freed_memory()
 
 
 @contextlib.contextmanager
