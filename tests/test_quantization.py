@@ -38,6 +38,32 @@ def test_layer_stores_int8_weights_and_stays_close(bias):
         q(torch.randn(2, 95))
 
 
+
+def test_layer_product_still_seen_by_an_active_torch_function_mode():
+    """The product is called with __torch_function__ off for subclasses (it skips a slow check of
+    the packed weight): a TorchFunctionMode the user has entered still sees it, and the result
+    is the same."""
+    from torch.overrides import TorchFunctionMode
+
+    class Record(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[object] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    q = DynamicInt8Linear.from_linear(Linear(32, 48))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        plain = q(x)
+        with Record() as mode:
+            recorded = q(x)
+    assert torch.ops.quantized.linear_dynamic.default in mode.seen
+    assert torch.equal(recorded, plain)
+
 def test_quantizing_in_chunks_gives_the_whole_layers_weights(monkeypatch):
     """The weight is quantized a few rows at a time, each chunk handed to ``release`` once done:
     the int8 values and scales are those of quantizing the whole weight at once."""
