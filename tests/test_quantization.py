@@ -38,7 +38,6 @@ def test_layer_stores_int8_weights_and_stays_close(bias):
         q(torch.randn(2, 95))
 
 
-
 def test_layer_product_still_seen_by_an_active_torch_function_mode():
     """The product is called with __torch_function__ off for subclasses (it skips a slow check of
     the packed weight): a TorchFunctionMode the user has entered still sees it, and the result
@@ -63,6 +62,7 @@ def test_layer_product_still_seen_by_an_active_torch_function_mode():
             recorded = q(x)
     assert torch.ops.quantized.linear_dynamic.default in mode.seen
     assert torch.equal(recorded, plain)
+
 
 def test_quantizing_in_chunks_gives_the_whole_layers_weights(monkeypatch):
     """The weight is quantized a few rows at a time, each chunk handed to ``release`` once done:

@@ -21,6 +21,7 @@ quantize after loading).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 import weakref
@@ -138,9 +139,10 @@ def _int8_linear_op(x: torch.Tensor, handle: int, out_features: int, reduce_rang
     # Called from Python with the packed weight (a TorchScript object), an op first asks that object
     # for __torch_function__, which it lacks: two C++ exceptions thrown and caught, about 15 us of a
     # call's 28 (one row of 512 -> 64; the product itself takes about 1 us). With __torch_function__
-    # off for the call (x is a plain tensor here; an active TorchFunctionMode still applies) the
-    # check is skipped.
-    with torch._C.DisableTorchFunctionSubclass():
+    # off for subclasses during the call the check is skipped (an active TorchFunctionMode still
+    # applies); a tensor subclass passed to an eager layer keeps its __torch_function__.
+    plain = type(x) is torch.Tensor
+    with torch._C.DisableTorchFunctionSubclass() if plain else contextlib.nullcontext():
         if relu:  # applied as the product writes its output: 128 x 768 -> 3072 0.30 -> 0.24 ms (oneDNN)
             return _LINEAR_RELU(x, packed, reduce_range)
         return _LINEAR(x, packed, reduce_range)
