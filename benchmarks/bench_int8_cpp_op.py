@@ -7,10 +7,9 @@ wrapper calls back into Python, which looks the layer's packed fbgemm weight up 
 ``quantized::linear_dynamic`` from Python again. This script builds (``torch.utils.cpp_extension``,
 about 40 s the first time, cached after) a C++ op that holds the same packed weights in a table and
 calls the same fbgemm op through the dispatcher, so a compiled graph makes the product without
-Python. Products of fewer than 32 rows use it (the rows that stay on fbgemm on every CPU); the rest
-keep t5kit's op. Both variants run in this process on the same model, compiled once each, and
-alternate; prints ms/token of each, the ratio, and whether the tokens are equal (same kernel, so they
-should be). Needs a C++ compiler, as the compiled step does.
+Python. Products that t5kit sends to fbgemm use it; those it sends to oneDNN keep t5kit's op. Both
+variants run in this process on the same model, compiled once each, and alternate; prints ms/token
+of each, the ratio, and whether the tokens are equal (same kernel, so they should be). Needs a C++ compiler, as the compiled step does.
 """
 
 from __future__ import annotations
@@ -57,7 +56,9 @@ _USE_CPP = [False]
 def _forward(self: Q.DynamicInt8Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
     args = (flat, self._handle, self.out_features, self.reduce_range, self.relu)
-    if torch.compiler.is_compiling() and _USE_CPP[0] and flat.shape[0] < 32:
+    rows, entries = flat.shape[0], self.in_features * self.out_features
+    on_fbgemm = Q._packed_for(self._handle, rows, entries, self.relu) is Q._PACKED[self._handle]
+    if torch.compiler.is_compiling() and _USE_CPP[0] and on_fbgemm:
         out = torch.ops.t5kit_cpp_probe.lin(*args)
     elif torch.compiler.is_compiling():
         out = torch.ops.t5kit.int8_linear(*args)
