@@ -56,14 +56,16 @@ _USE_CPP = [False]
 def _forward(self: Q.DynamicInt8Linear, x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
     args = (flat, self._handle, self.out_features, self.reduce_range, self.relu)
-    rows, entries = flat.shape[0], self.in_features * self.out_features
-    on_fbgemm = Q._packed_for(self._handle, rows, entries, self.relu) is Q._PACKED[self._handle]
-    if torch.compiler.is_compiling() and _USE_CPP[0] and on_fbgemm:
-        out = torch.ops.t5kit_cpp_probe.lin(*args)
-    elif torch.compiler.is_compiling():
-        out = torch.ops.t5kit.int8_linear(*args)
-    else:
+    if not torch.compiler.is_compiling():
         out = Q._int8_linear_op(*args)
+    elif (
+        _USE_CPP[0]
+        and Q._packed_for(self._handle, flat.shape[0], flat.shape[1] * self.out_features, self.relu)
+        is Q._PACKED[self._handle]
+    ):  # a product t5kit sends to fbgemm (decided while tracing: the rows are fixed per graph)
+        out = torch.ops.t5kit_cpp_probe.lin(*args)
+    else:
+        out = torch.ops.t5kit.int8_linear(*args)
     return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
