@@ -146,8 +146,67 @@ def test_quantized_model_compiled_step_gives_the_eager_tokens(family):
         with torch.profiler.profile() as prof:
             again = model.generate(**gen, num_beams=beams, cache_implementation="static")
         ops = {event.key for event in prof.key_averages()}
-        assert "t5kit::int8_linear" in ops and any("Compiled" in op for op in ops), sorted(ops)
+        op = "t5kit_cpp::int8_linear" if quantization._load_cpp_op() else "t5kit::int8_linear"
+        assert op in ops and any("Compiled" in op for op in ops), sorted(ops)
         assert torch.equal(compiled, eager) and torch.equal(again, eager), beams
+
+
+def _compiled_int8_run(model, gen):
+    """Tokens, logits and the t5kit ops called of a compiled (static) greedy generation, after one to compile."""
+    model.generate(**gen, cache_implementation="static")
+    with torch.profiler.profile() as prof:
+        out = model.generate(**gen, cache_implementation="static", return_dict_in_generate=True, output_logits=True)
+    return out.sequences, torch.stack(out.logits), {e.key for e in prof.key_averages() if "t5kit" in e.key}
+
+
+def test_compiled_int8_step_through_the_cpp_op_equals_the_python_op(monkeypatch):
+    """Compiled graphs make fbgemm's products with the C++ op (t5kit_cpp::int8_linear, built at the
+    first compiled int8 graph): the same kernel as the Python op's, so tokens and logits are equal."""
+    if not quantization._load_cpp_op():
+        pytest.skip("the C++ op does not build here (no C++ compiler or ninja)")
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_MIN_ROWS", None)  # every product through fbgemm
+    python_op, cpp_op = (t5kit.quantize_dynamic(tiny_model("T5", "relu_tied")) for _ in range(2))
+    ids, mask, _ = make_batch(cpp_op.config.vocab_size)
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    monkeypatch.setattr(quantization, "INT8_CPP_OP", False)  # read while a graph is traced
+    tokens, logits, ops = _compiled_int8_run(python_op, gen)
+    assert "t5kit::int8_linear" in ops and "t5kit_cpp::int8_linear" not in ops, ops
+    monkeypatch.setattr(quantization, "INT8_CPP_OP", True)
+    cpp_tokens, cpp_logits, ops = _compiled_int8_run(cpp_op, gen)
+    assert ops == {"t5kit_cpp::int8_linear"}, ops
+    assert torch.equal(cpp_tokens, tokens) and torch.equal(cpp_logits, logits)
+    assert torch.equal(cpp_tokens, cpp_op.generate(**gen))
+
+
+def test_compiled_int8_step_falls_back_to_the_python_op_when_the_cpp_op_cannot_build(monkeypatch):
+    """No compiler (or a failed build): one warning that says why, and compiled graphs call the Python op."""
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not build its C.. int8 product op.*Ninja is required"):
+        assert quantization._load_cpp_op.__wrapped__() is False
+    monkeypatch.setattr(quantization, "_load_cpp_op", lambda: False)  # as in a process where the build failed
+    model = t5kit.quantize_dynamic(tiny_model("T5", "gated_silu_untied"))
+    ids, mask, _ = make_batch(model.config.vocab_size)
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, eos_token_id=None)
+    tokens, _, ops = _compiled_int8_run(model, gen)
+    assert "t5kit::int8_linear" in ops and "t5kit_cpp::int8_linear" not in ops, ops
+    assert torch.equal(tokens, model.generate(**gen))
+
+
+def test_cpp_op_can_be_switched_off_by_environment():
+    import os
+    import subprocess
+    import sys
+
+    code = "import t5kit.quantization as q; print(q.INT8_CPP_OP)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = {**os.environ, "T5KIT_INT8_CPP": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
 
 
 def test_quantized_layers_release_their_packed_weights():
@@ -167,6 +226,41 @@ def test_quantized_layers_release_their_packed_weights():
     del layer
     gc.collect()
     assert handle not in quantization._PACKED and copy._handle in quantization._PACKED
+
+
+def test_cpp_op_table_holds_each_layers_weight_while_the_layer_lives(monkeypatch):
+    """The C++ op's own table (filled when it loads, then as layers are made) drops a layer's weight with it."""
+    import gc
+    from copy import deepcopy
+
+    if not quantization._load_cpp_op():
+        pytest.skip("the C++ op does not build here (no C++ compiler or ninja)")
+    gc.collect()
+    size = torch.ops.t5kit_cpp.size
+    before = size()
+    assert before == len(quantization._PACKED)
+    layer = DynamicInt8Linear.from_linear(Linear(8, 4, bias=True)).eval()
+    copy = deepcopy(layer)
+    assert size() == before + 2
+    x = torch.randn(3, 8)
+    fbgemm = 1 << 62  # rows from which a product goes to oneDNN: never
+    out = torch.ops.t5kit_cpp.int8_linear(x, copy._handle, 4, copy.reduce_range, False, fbgemm)
+    torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    # Products from onednn_rows rows go to t5kit::int8_linear, which makes them with oneDNN's copy.
+    if "onednn" in torch.backends.quantized.supported_engines:
+        monkeypatch.setattr(quantization, "ONEDNN_INT8_MIN_ROWS", 3)
+        out = torch.ops.t5kit_cpp.int8_linear(x, layer._handle, 4, layer.reduce_range, False, 3)
+        assert (layer._handle, False) in quantization._PACKED_MANY
+        torch.testing.assert_close(out, layer(x), rtol=0, atol=0)
+    handle = layer._handle
+    del layer
+    gc.collect()
+    assert size() == before + 1
+    with pytest.raises(RuntimeError, match=f"no int8 weights for layer handle {handle}"):
+        torch.ops.t5kit_cpp.int8_linear(x, handle, 4, False, False, fbgemm)
+    del copy
+    gc.collect()
+    assert size() == before
 
 
 def test_quantized_model_refuses_saving_and_training(tmp_path):

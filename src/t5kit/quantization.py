@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import os
+import re
 import warnings
 import weakref
 from functools import lru_cache
@@ -111,12 +114,18 @@ ONEDNN_INT8_LARGE_ENTRIES: int = 1 << 24
 _PACKED_MANY: dict[tuple[int, bool], Any] = {}
 
 
+def _onednn_rows(entries: int) -> int | None:
+    """From how many rows the products of a layer of ``entries`` weights use oneDNN's kernels (None: never)."""
+    if ONEDNN_INT8_MIN_ROWS is None:
+        return None
+    return ONEDNN_INT8_LARGE_ROWS if entries >= ONEDNN_INT8_LARGE_ENTRIES else ONEDNN_INT8_MIN_ROWS
+
+
 def _packed_for(handle: int, rows: int, entries: int, relu: bool = False) -> Any:
     """The packed weight of layer ``handle`` (``entries`` weights) for a product of ``rows`` rows,
     followed by a ReLU if ``relu`` (see ONEDNN_INT8_MIN_ROWS and _PACKED_MANY)."""
-    if ONEDNN_INT8_MIN_ROWS is None or rows < (
-        ONEDNN_INT8_LARGE_ROWS if entries >= ONEDNN_INT8_LARGE_ENTRIES else ONEDNN_INT8_MIN_ROWS
-    ):
+    onednn_rows = _onednn_rows(entries)
+    if onednn_rows is None or rows < onednn_rows:
         return _PACKED[handle]
     packed = _PACKED_MANY.get((handle, relu))
     if packed is None:
@@ -156,11 +165,135 @@ _LIB.impl("int8_linear", _int8_linear_op, "CPU")
 torch.library.register_fake("t5kit::int8_linear", _int8_linear_fake, lib=_LIB)
 
 
+# The same product as a C++ op, for compiled graphs. A compiled step's products dominate a batch-1
+# int8 decoding step (t5-base: 73 a step), and a call of t5kit::int8_linear from the graph's C++
+# wrapper goes through Python twice (the op's Python kernel, which calls fbgemm's op from Python):
+# about 2 ms of a 9.4 ms t5-base step on an Intel Xeon (Emerald Rapids, 2 cores). This op keeps
+# fbgemm's packed weights in a C++ table by the same handles and calls fbgemm's op through the
+# dispatcher: t5-base greedy batch 1 ran 1.06-1.25x faster, t5-small 1.02-1.12x, same tokens (paired
+# in one process, benchmarks/bench_int8_cpp_op.py). Products of ``onednn_rows`` rows or more (those
+# _onednn_rows sends to oneDNN: many rows, where a call's overhead is small against the product) it
+# hands to t5kit::int8_linear, so one graph serves any number of rows.
+#
+# It is built from this source by torch.utils.cpp_extension at the first compiled int8 graph (about
+# 30-40 s once, with the C++ compiler and ninja that inductor's CPU graphs need too; cached in
+# TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions, per torch version). If it cannot be
+# built, a warning says why and the graphs call the Python op: same results, slower. Setting
+# T5KIT_INT8_CPP=0 (or INT8_CPP_OP = False) skips it.
+_CPP_SOURCE = r"""
+#include <mutex>
+#include <unordered_map>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+#include <torch/library.h>
+
+// fbgemm's packed weights by t5kit layer handle: put when a layer is made, dropped when it goes.
+static std::mutex table_lock;
+static std::unordered_map<int64_t, c10::IValue> table;
+
+void put(int64_t handle, c10::IValue packed) {
+  std::lock_guard<std::mutex> guard(table_lock);
+  table[handle] = std::move(packed);
+}
+
+void drop(int64_t handle) {
+  std::lock_guard<std::mutex> guard(table_lock);
+  table.erase(handle);
+}
+
+int64_t size() {
+  std::lock_guard<std::mutex> guard(table_lock);
+  return static_cast<int64_t>(table.size());
+}
+
+at::Tensor int8_linear(const at::Tensor& x, int64_t handle, int64_t out_features, bool reduce_range, bool relu,
+                       int64_t onednn_rows) {
+  static const auto plain = c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_dynamic", "");
+  static const auto with_relu = c10::Dispatcher::singleton().findSchemaOrThrow("quantized::linear_relu_dynamic", "");
+  static const auto python_op = c10::Dispatcher::singleton().findSchemaOrThrow("t5kit::int8_linear", "");
+  if (x.size(0) >= onednn_rows) {  // oneDNN's products: t5kit's op holds their packed copies
+    torch::jit::Stack stack{x, handle, out_features, reduce_range, relu};
+    python_op.callBoxed(stack);
+    return stack[0].toTensor();
+  }
+  c10::IValue packed;
+  {
+    std::lock_guard<std::mutex> guard(table_lock);
+    auto found = table.find(handle);
+    TORCH_CHECK(found != table.end(), "t5kit: no int8 weights for layer handle ", handle, " (the layer was deleted)");
+    packed = found->second;
+  }
+  torch::jit::Stack stack{x, std::move(packed), reduce_range};
+  (relu ? with_relu : plain).callBoxed(stack);
+  return stack[0].toTensor();
+}
+
+TORCH_LIBRARY(t5kit_cpp, m) {
+  m.def("put(int handle, Any packed) -> ()", put);
+  m.def("drop(int handle) -> ()", drop);
+  m.def("size() -> int", size);
+  m.def("int8_linear(Tensor x, int handle, int out_features, bool reduce_range, bool relu, int onednn_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(t5kit_cpp, CPU, m) { m.impl("int8_linear", int8_linear); }
+"""
+
+INT8_CPP_OP: bool = os.environ.get("T5KIT_INT8_CPP", "1") != "0"
+_CPP_READY = False  # the C++ op is loaded and its table holds every live layer's weight
+
+
+def _cpp_int8_linear_fake(
+    x: torch.Tensor, handle: int, out_features: int, reduce_range: bool, relu: bool, onednn_rows: int
+) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+@lru_cache(maxsize=1)
+def _load_cpp_op() -> bool:
+    """Build (first time) and load the C++ op, filling its table; False, with a warning, if it cannot."""
+    global _CPP_READY
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        # Per torch version: torch's extension cache keys on the source and flags, not on torch.
+        name = "t5kit_int8_torch" + re.sub(r"\W", "_", torch.__version__)
+        logging.getLogger("t5kit").info("loading t5kit's C++ int8 op %s (a first build takes 30-40 s)", name)
+        load_inline(name, cpp_sources=_CPP_SOURCE, is_python_module=False)
+    except Exception as err:  # no compiler or ninja, an unwritable cache, a failed build, ...
+        warnings.warn(
+            f"t5kit could not build its C++ int8 product op ({type(err).__name__}: {str(err)[:500]}); compiled "
+            "int8 graphs call the Python op instead (same results; batch-1 decoding about 10% slower). "
+            "Set T5KIT_INT8_CPP=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    torch.library.register_fake("t5kit_cpp::int8_linear", _cpp_int8_linear_fake)
+    _CPP_READY = True  # first: a layer made from now on puts its own weight (the same value twice is harmless)
+    for handle, packed in list(_PACKED.items()):
+        torch.ops.t5kit_cpp.put(handle, packed)
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _cpp_onednn_rows(entries: int) -> int:
+    """For a graph being traced: 0 if its products of a layer of ``entries`` weights call the Python
+    op (the C++ op is off or does not build), else the number of rows from which the C++ op hands a
+    product to it (oneDNN's, see _onednn_rows). Runs eagerly while tracing and is a constant of the
+    graph: the settings (``INT8_CPP_OP``, ``ONEDNN_INT8_*``) apply to graphs traced after they change."""
+    if not (INT8_CPP_OP and _load_cpp_op()):
+        return 0
+    onednn_rows = _onednn_rows(entries)
+    return 1 << 62 if onednn_rows is None else onednn_rows
+
+
 def _forget(handle: int) -> None:
     """Drop layer ``handle``'s packed weights (fbgemm's and any oneDNN copies) when the layer goes."""
     _PACKED.pop(handle, None)
     for relu in (False, True):
         _PACKED_MANY.pop((handle, relu), None)
+    if _CPP_READY:
+        torch.ops.t5kit_cpp.drop(handle)
 
 
 class DynamicInt8Linear(nn.Module):
@@ -182,6 +315,8 @@ class DynamicInt8Linear(nn.Module):
     def _register(self) -> None:
         self._handle = next(_HANDLES)  # the key of _PACKED a compiled graph uses
         _PACKED[self._handle] = self._packed
+        if _CPP_READY:
+            torch.ops.t5kit_cpp.put(self._handle, self._packed)
         weakref.finalize(self, _forget, self._handle)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -237,7 +372,9 @@ class DynamicInt8Linear(nn.Module):
         refuse_training(self, "an int8-quantized model")
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
         if torch.compiler.is_compiling():
-            out = torch.ops.t5kit.int8_linear(flat, self._handle, self.out_features, self.reduce_range, self.relu)
+            args = (flat, self._handle, self.out_features, self.reduce_range, self.relu)
+            onednn_rows = _cpp_onednn_rows(self.in_features * self.out_features)
+            out = torch.ops.t5kit_cpp.int8_linear(*args, onednn_rows) if onednn_rows else torch.ops.t5kit.int8_linear(*args)
         else:
             out = _int8_linear_op(flat, self._handle, self.out_features, self.reduce_range, self.relu)  # (rows, out)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
