@@ -170,7 +170,7 @@ torch.library.register_fake("t5kit::int8_linear", _int8_linear_fake, lib=_LIB)
 # wrapper goes through Python twice (the op's Python kernel, which calls fbgemm's op from Python):
 # about 2 ms of a 9.4 ms t5-base step on an Intel Xeon (Emerald Rapids, 2 cores). This op keeps
 # fbgemm's packed weights in a C++ table by the same handles and calls fbgemm's op through the
-# dispatcher: t5-base greedy batch 1 ran 1.06-1.25x faster, t5-small 1.02-1.12x, same tokens (paired
+# dispatcher: t5-base greedy batch 1 ran 1.05-1.25x faster, t5-small 1.02-1.15x, same tokens (paired
 # in one process, benchmarks/bench_int8_cpp_op.py). Products of ``onednn_rows`` rows or more (those
 # _onednn_rows sends to oneDNN: many rows, where a call's overhead is small against the product) it
 # hands to t5kit::int8_linear, so one graph serves any number of rows.
@@ -262,7 +262,7 @@ def _load_cpp_op() -> bool:
     except Exception as err:  # no compiler or ninja, an unwritable cache, a failed build, ...
         warnings.warn(
             f"t5kit could not build its C++ int8 product op ({type(err).__name__}: {str(err)[:500]}); compiled "
-            "int8 graphs call the Python op instead (same results; batch-1 decoding about 10% slower). "
+            "int8 graphs call the Python op instead (same results; batch-1 decoding 5-25% slower). "
             "Set T5KIT_INT8_CPP=0 to skip the attempt.",
             RuntimeWarning,
             stacklevel=2,
@@ -275,7 +275,6 @@ def _load_cpp_op() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
 def _cpp_onednn_rows(entries: int) -> int:
     """For a graph being traced: 0 if its products of a layer of ``entries`` weights call the Python
     op (the C++ op is off or does not build), else the number of rows from which the C++ op hands a
@@ -285,6 +284,11 @@ def _cpp_onednn_rows(entries: int) -> int:
         return 0
     onednn_rows = _onednn_rows(entries)
     return 1 << 62 if onednn_rows is None else onednn_rows
+
+
+# What torch.compiler.assume_constant_result(_cpp_onednn_rows) does (torch 2.13: sets this attribute),
+# without importing dynamo, and with it sympy (about 70 MB resident), when t5kit is imported.
+_cpp_onednn_rows._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _forget(handle: int) -> None:
