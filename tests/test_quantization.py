@@ -146,8 +146,8 @@ def test_quantized_model_compiled_step_gives_the_eager_tokens(family):
         with torch.profiler.profile() as prof:
             again = model.generate(**gen, num_beams=beams, cache_implementation="static")
         ops = {event.key for event in prof.key_averages()}
-        op = "t5kit_cpp::int8_linear" if quantization._load_cpp_op() else "t5kit::int8_linear"
-        assert op in ops and any("Compiled" in op for op in ops), sorted(ops)
+        product = "t5kit_cpp::int8_linear" if quantization._load_cpp_op() else "t5kit::int8_linear"
+        assert product in ops and any("Compiled" in op for op in ops), sorted(ops)
         assert torch.equal(compiled, eager) and torch.equal(again, eager), beams
 
 

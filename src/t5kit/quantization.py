@@ -375,12 +375,12 @@ class DynamicInt8Linear(nn.Module):
             raise ValueError(f"expected inputs with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         refuse_training(self, "an int8-quantized model")
         flat = x.reshape(-1, self.in_features).float().contiguous()  # (rows, in)
+        args = (flat, self._handle, self.out_features, self.reduce_range, self.relu)
         if torch.compiler.is_compiling():
-            args = (flat, self._handle, self.out_features, self.reduce_range, self.relu)
             onednn_rows = _cpp_onednn_rows(self.in_features * self.out_features)
             out = torch.ops.t5kit_cpp.int8_linear(*args, onednn_rows) if onednn_rows else torch.ops.t5kit.int8_linear(*args)
         else:
-            out = _int8_linear_op(flat, self._handle, self.out_features, self.reduce_range, self.relu)  # (rows, out)
+            out = _int8_linear_op(*args)  # (rows, out)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
